@@ -1,0 +1,79 @@
+"""The ``gtp5g-op`` command: a thin click layer over the library modules.
+
+Sub-commands are imported only when invoked (click's documented lazy-group pattern), so
+``gtp5g-op watch --replay`` does not pay for importing the API client, pyroute2 or pyelftools.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+import click
+
+from gtp5g_op import __version__
+
+
+class LazyGroup(click.Group):
+    """A click group whose sub-commands live in other modules, loaded on first use."""
+
+    def __init__(self, *args, lazy: dict[str, str] | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lazy = lazy or {}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self.lazy))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name in self.lazy:
+            module_name, attr = self.lazy[cmd_name].rsplit(":", 1)
+            return getattr(importlib.import_module(module_name), attr)
+        return super().get_command(ctx, cmd_name)
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "watch": "gtp5g_op.cli.watch:watch",
+        "strategies": "gtp5g_op.cli.strategies:strategies",
+        "patch-module": "gtp5g_op.cli.module:patch_module",
+        "verify": "gtp5g_op.cli.module:verify",
+        "doctor": "gtp5g_op.cli.doctor:doctor",
+        "tracer": "gtp5g_op.cli.tracer:tracer",
+        "build": "gtp5g_op.cli:build",
+    },
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.version_option(__version__, prog_name="gtp5g-op")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
+    """Operate a gtp5g user plane: patch and verify the module, trace its packet path,
+    and push Gthulhu scheduling strategies for the processes that carry GTP-U traffic.
+
+    \b
+    Examples:
+      gtp5g-op watch --replay                 # replay the bundled lab capture
+      gtp5g-op watch --push --with-tracer     # trace gtp5g live and push strategies
+      gtp5g-op patch-module --src ~/gtp5g     # export the 7 traced functions
+      gtp5g-op strategies list                # what the Gthulhu API holds now
+      gtp5g-op doctor                         # is this host ready?
+    """
+    ctx.ensure_object(dict)
+    ctx.obj["verbose"] = verbose
+
+
+@click.group(
+    cls=LazyGroup,
+    lazy={
+        "tracer": "gtp5g_op.cli.tracer:build_tracer",
+        "module": "gtp5g_op.cli.module:build_module",
+    },
+)
+def build() -> None:
+    """Build the BPF tracer or the gtp5g kernel module.
+
+    \b
+    Examples:
+      gtp5g-op build tracer
+      gtp5g-op build module --src ~/gtp5g --install
+    """

@@ -1,0 +1,223 @@
+"""``patch-module``, ``build module`` and ``verify``: thin commands over patcher, modbuild and verify."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gtp5g_op import modbuild, patcher
+from gtp5g_op import verify as verifier
+from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
+
+_STATE_STYLE = {"exported": "green", "global only": "yellow", "static": "red", "absent": "dim"}
+
+
+_ACTION = {"exported": "already exported", "global only": "add EXPORT_SYMBOL",
+           "static": "drop static, add EXPORT_SYMBOL", "absent": "skipped"}
+
+
+def _status_table(statuses: list[patcher.FunctionStatus], title: str, actions: bool = False) -> Table:
+    table = Table(title=title)
+    for col in ("function", "where", "state", "action" if actions else "note"):
+        table.add_column(col)
+    for s in statuses:
+        where = f"{s.file}:{s.line}" if s.file else "-"
+        note = s.conflict or s.note or s.spec.role
+        if actions:
+            note = _ACTION[s.state.value] + (f" ({s.note})" if s.note else "")
+        style = _STATE_STYLE[s.state.value]
+        table.add_row(s.name, where, f"[{style}]{s.state.value}[/]", note)
+    return table
+
+
+@click.command("patch-module")
+@click.option("--src", "src", required=True, type=click.Path(path_type=Path),
+              help="Top directory of a gtp5g source tree (any release v0.8.x to v0.10.x).")
+@click.option("--set", "set_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Export set TOML file (default: the bundled patches/gtp5g-exports.toml).")
+@click.option("--export", "extra", multiple=True, metavar="NAME",
+              help="Also export this function (repeatable); missing is then an error.")
+@click.option("--check", "mode", flag_value="check", help="Report each function's state; change nothing.")
+@click.option("--diff", "mode", flag_value="diff", help="Print the unified diff; change nothing.")
+@click.option("--revert", "mode", flag_value="revert", help="Restore every changed file byte for byte.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@cli_errors
+def patch_module(src: Path, set_file: Path | None, extra: tuple[str, ...], mode: str | None,
+                 as_json: bool) -> None:
+    """Export the functions the tracer attaches to, in a gtp5g source tree.
+
+    Finds each function by its definition (not by line number), drops `static` where the export set
+    says so, adds EXPORT_SYMBOL after the function and `#include <linux/module.h>` where missing.
+    All files change or none; a second run changes nothing. --check exits 0 only when every
+    function the release has is exported.
+
+    \b
+    Examples:
+      gtp5g-op patch-module --src ~/gtp5g               # apply the bundled export set
+      gtp5g-op patch-module --src ~/gtp5g --check       # exported / global only / static / absent
+      gtp5g-op patch-module --src ~/gtp5g --diff > exports.patch
+      gtp5g-op patch-module --src ~/gtp5g --export gtp5g_rx
+      gtp5g-op patch-module --src ~/gtp5g --revert      # back to the release, byte for byte
+    """
+    console = Console()
+    if mode == "revert":
+        result = patcher.revert(src)
+        if as_json:
+            click.echo(json.dumps({"restored": result.restored, "unchanged": result.unchanged}))
+        elif not result.restored and not result.unchanged:
+            click.echo("nothing to revert: gtp5g-op has not patched this tree")
+        else:
+            for rel in result.restored:
+                click.echo(f"restored {rel}")
+            for rel in result.unchanged:
+                click.echo(f"{rel} was already original")
+        return
+    export_set = patcher.load_export_set(set_file, extra)
+    if mode == "check":
+        statuses = patcher.check(src, export_set)
+        ok = patcher.check_ok(statuses)
+        if as_json:
+            click.echo(json.dumps({"ok": ok, "functions": [s.as_dict() for s in statuses]}))
+        else:
+            console.print(_status_table(statuses, f"gtp5g exports in {src}"))
+            click.echo("all exported" if ok else "not all exported: run gtp5g-op patch-module --src DIR")
+        if not ok:
+            sys.exit(EXIT_FAIL)
+        return
+    if mode == "diff":
+        plan = patcher.plan_patch(src, export_set)
+        click.echo(plan.diff(), nl=False)
+        return
+    result = patcher.patch(src, export_set)
+    if as_json:
+        click.echo(json.dumps({"changed": result.changed,
+                               "functions": [s.as_dict() for s in result.statuses]}))
+        return
+    console.print(_status_table(result.statuses, f"patching {src}", actions=True))
+    if result.changed:
+        click.echo(f"patched {len(result.changed)} file(s): {', '.join(result.changed)}")
+        click.echo(f"next: gtp5g-op build module --src {src}")
+    else:
+        click.echo("nothing to do: every function this release has is already exported; no file changed")
+
+
+@click.command("module")
+@click.option("--src", "src", required=True, type=click.Path(exists=True, file_okay=False, path_type=Path),
+              help="gtp5g source tree.")
+@click.option("--kdir", type=click.Path(path_type=Path),
+              help="Kernel build dir (default: /lib/modules/$(uname -r)/build).")
+@click.option("--kver", help="Kernel release to build and install for (default: KDIR's, else running).")
+@click.option("--copy-vmlinux/--no-copy-vmlinux", default=None,
+              help="Copy /sys/kernel/btf/vmlinux into KDIR for module BTF (default: ask when interactive).")
+@click.option("--install", is_flag=True, help="Copy gtp5g.ko into /lib/modules/KVER and run depmod.")
+@click.option("--reload", "do_reload", is_flag=True, help="rmmod + modprobe gtp5g after installing.")
+@click.option("--force", is_flag=True, help="With --reload: delete gtp5g devices (stops traffic) first.")
+@click.option("-j", "--jobs", type=int, help="Parallel make jobs (default: CPUs).")
+@cli_errors
+def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: bool | None,
+                 install: bool, do_reload: bool, force: bool, jobs: int | None) -> None:
+    """Build gtp5g with its own Makefile against KDIR; optionally install and reload it.
+
+    Checks the compiler, kbuild, pahole and vmlinux first. The full log stays in
+    SRC/.gtp5g-op/build.log; a failure shows the last compiler errors.
+
+    \b
+    Examples:
+      gtp5g-op build module --src ~/gtp5g
+      gtp5g-op build module --src ~/gtp5g --kdir /usr/src/linux-headers-6.1.0-28-amd64
+      gtp5g-op build module --src ~/gtp5g --copy-vmlinux --install --reload
+    """
+    console = Console(stderr=True)
+    kdir = kdir or modbuild.default_kdir(kver)
+    for check in modbuild.preflight(kdir):
+        mark = "[green]ok[/]" if check.ok else ("[red]missing[/]" if check.required else "[yellow]warn[/]")
+        console.print(f"{mark} {check.name}: {check.detail}" + ("" if check.ok else f"; fix: {check.fix}"),
+                      highlight=False)
+    if modbuild.can_offer_vmlinux(kdir):
+        if copy_vmlinux is None and sys.stdin.isatty():
+            copy_vmlinux = click.confirm(f"copy {modbuild.SYS_VMLINUX} to {kdir} so gtp5g.ko gets BTF?",
+                                         default=True)
+        if copy_vmlinux:
+            console.print(f"copied BTF to {modbuild.copy_vmlinux(kdir)}")
+    elif copy_vmlinux and not (kdir / "vmlinux").exists():
+        raise UsageError(f"{kdir} is not the running kernel's build dir; its vmlinux must match it",
+                         fix="put that kernel's vmlinux in KDIR yourself")
+    with console.status("make ...") as status:
+        result = modbuild.build(src, kdir, kver, on_line=lambda ln: status.update(ln.strip()[:90]),
+                                jobs=jobs)
+    for note in result.notes:
+        console.print(f"note: {note}")
+    if not result.ok:
+        for line in result.errors:
+            console.print(line, markup=False, highlight=False)
+        raise OpError(f"build failed after {result.seconds:.1f}s; full log: {result.log}",
+                      fix="fix the errors above (a gtp5g release too old or new for this kernel?)")
+    btf = "no BTF (see vmlinux above)" if result.btf_skipped else "BTF generated"
+    click.echo(f"built {result.ko} in {result.seconds:.1f}s, {btf}; log: {result.log}")
+    if install or do_reload:
+        installed = modbuild.install(result.ko, kver or modbuild.kdir_release(kdir))
+        click.echo(f"installed {installed.path}; ran {' '.join(installed.depmod)}")
+    if do_reload:
+        for step in modbuild.reload(force=force):
+            click.echo(f"ran {step}")
+        click.echo("next: gtp5g-op verify --loaded")
+
+
+@click.command("verify")
+@click.argument("ko", required=False, type=click.Path(path_type=Path))
+@click.option("--loaded", is_flag=True, help="Check the loaded module (kallsyms, /sys/kernel/btf/gtp5g).")
+@click.option("--function", "functions", multiple=True, metavar="NAME",
+              help="Function to check (repeatable; default: the bundled export set).")
+@click.option("--symvers", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Module.symvers to read exports from (default: next to KO).")
+@click.option("--base-btf", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Base BTF the module was built against (default: /sys/kernel/btf/vmlinux).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@cli_errors
+def verify(ko: Path | None, loaded: bool, functions: tuple[str, ...], symvers: Path | None,
+           base_btf: Path | None, as_json: bool) -> None:
+    """Check that gtp5g exports the traced functions: global symbol, exported, and in BTF.
+
+    Exit code 0 only when every function passes.
+
+    \b
+    Examples:
+      gtp5g-op verify ~/gtp5g/gtp5g.ko
+      gtp5g-op verify --loaded
+      gtp5g-op verify gtp5g.ko --function gtp5g_encap_recv --json
+    """
+    if bool(ko) == loaded:
+        raise UsageError("give either a gtp5g.ko path or --loaded", fix="e.g. gtp5g-op verify ~/gtp5g/gtp5g.ko")
+    names = list(functions) or None
+    report = (verifier.verify_loaded(names) if loaded
+              else verifier.verify_ko(ko, names, symvers=symvers, base_btf=base_btf))
+    if as_json:
+        click.echo(json.dumps(report.as_dict()))
+    else:
+        _print_report(report)
+    if not report.ok:
+        sys.exit(EXIT_FAIL)
+
+
+def _yes(value: bool) -> str:
+    return "[green]yes[/]" if value else "[red]no[/]"
+
+
+def _print_report(report: verifier.VerifyReport) -> None:
+    console = Console()
+    table = Table(title=f"gtp5g exports: {report.source}")
+    for col in ("function", "global", "exported", "BTF", "result"):
+        table.add_column(col)
+    for f in report.functions:
+        btf = "no BTF" if f.btf is None else (f"[green]{f.btf}[/]" if f.btf_ok else f"[red]{f.btf}[/]")
+        table.add_row(f.name, _yes(f.global_symbol), _yes(f.exported), btf,
+                      "[green]pass[/]" if f.ok else "[red]FAIL[/]")
+    console.print(table)
+    for note in report.notes:
+        click.echo(f"note: {note}")
+    click.echo("all pass" if report.ok else "not all pass: gtp5g-op patch-module --src DIR, then rebuild")

@@ -1,0 +1,158 @@
+"""``gtp5g-op tracer run|selftest`` and ``gtp5g-op build tracer``: thin commands over
+:mod:`gtp5g_op.bpf_loader`, :mod:`gtp5g_op.tracer_selftest` and :mod:`gtp5g_op.tracer_build`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+from pathlib import Path
+from typing import Iterable
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from gtp5g_op.bpf_loader import ProgramResult, open_tracer
+from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
+from gtp5g_op.tracer_build import build_tracer as build_objects
+from gtp5g_op.tracer_build import default_out_dir
+from gtp5g_op.tracer_selftest import run_selftest
+
+_DIR = click.Path(file_okay=False, path_type=Path)
+_OBJ = click.Path(dir_okay=False, exists=True, path_type=Path)
+
+
+def report_table(results: Iterable[ProgramResult]) -> Table:
+    """The per-program verdicts as a rich table (also used by ``watch --with-tracer``)."""
+    table = Table(title="BPF programs", title_justify="left")
+    for col in ("hook", "program", "attached", "why not"):
+        table.add_column(col, overflow="fold")
+    for r in results:
+        table.add_row(f"{r.kind}/{r.function}", r.name, "[green]yes[/]" if r.attached else "[red]no[/]",
+                      r.error)
+    return table
+
+
+def _wait_for_signal(duration: float | None) -> None:
+    """Block until SIGINT/SIGTERM, or ``duration`` seconds."""
+    done = threading.Event()
+    old = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        done.wait(duration)
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+@click.group("tracer")
+def tracer() -> None:
+    """Run the bundled BPF tracer on gtp5g, or prove the BPF path with a selftest.
+
+    \b
+    Examples:
+      gtp5g-op tracer selftest            # BPF load, bpf_printk, instance pipe, parser
+      gtp5g-op tracer run                 # attach to gtp5g until Ctrl-C
+      gtp5g-op tracer run --duration 60 --json
+    """
+
+
+@tracer.command("run")
+@click.option("--obj", type=_OBJ, help="A built gtp5g.bpf.o (default: build into --build-dir if needed).")
+@click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
+@click.option("--program", "programs", multiple=True,
+              help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
+@click.option("--duration", type=click.FloatRange(min=0),
+              help="Detach after this many seconds (default: until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
+@cli_errors
+def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], duration: float | None,
+        as_json: bool) -> None:
+    """Load the tracer, attach every program, hold until SIGINT/SIGTERM (or --duration), detach.
+
+    Prints one verdict per program with the reason in plain words; exits 1 when nothing attached.
+    Read the lines with `gtp5g-op watch`, or use `watch --with-tracer` to do both in one process.
+
+    \b
+    Examples:
+      gtp5g-op tracer run
+      gtp5g-op tracer run --program gtp5g_encap_recv_entry --duration 30
+      gtp5g-op tracer run --json --duration 0    # just report what attaches
+    """
+    bpf = open_tracer(obj, build_dir, programs or None)
+    try:
+        report = bpf.report
+        if as_json:
+            click.echo(json.dumps({"attached": len(bpf.attached), "programs": [r.to_dict() for r in report]}))
+        else:
+            Console().print(report_table(report))
+        if not bpf.attached:
+            raise OpError("no tracer program attached", fix="see why in the report above")
+        if not as_json:
+            click.echo(f"{len(bpf.attached)} of {len(report)} programs attached; "
+                       + ("Ctrl-C to detach" if duration is None else f"detaching in {duration:g}s"), err=True)
+        _wait_for_signal(duration)
+    finally:
+        bpf.close()
+
+
+@tracer.command("selftest")
+@click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
+@click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+              help="Seconds to wait for the probe's lines.")
+@click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
+@click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@cli_errors
+def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance: str, as_json: bool) -> None:
+    """Prove BPF loading, bpf_printk, the tracefs instance pipe and the parser end to end.
+
+    Loads a tracepoint probe that prints the tracer's line format on getppid(2), calls getppid
+    from a thread named gtp5g-op-st, and checks its line comes back parsed as that thread.
+    Needs root and tracefs, not gtp5g. Exits 0 when every step passes, 1 otherwise.
+
+    \b
+    Examples:
+      gtp5g-op tracer selftest
+      gtp5g-op tracer selftest --json --timeout 10
+    """
+    result = run_selftest(obj, build_dir, timeout=timeout, instance=instance)
+    if as_json:
+        click.echo(json.dumps(result.to_dict()))
+    else:
+        table = Table(title="tracer selftest", title_justify="left")
+        for col in ("step", "result", "detail"):
+            table.add_column(col, overflow="fold")
+        marks = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skipped[/]"}
+        for s in result.steps:
+            table.add_row(s.name, marks[s.ok], s.detail)
+        Console().print(table)
+        for line in result.lines:
+            click.echo(line)
+    if not result.ok:
+        raise SystemExit(EXIT_FAIL)
+
+
+@click.command("tracer")
+@click.option("--out", "out_dir", type=_DIR, help=f"Output directory [default: {default_out_dir()}].")
+@click.option("--kernel-btf", type=_OBJ, default="/sys/kernel/btf/vmlinux", show_default=True,
+              help="The kernel's BTF, for vmlinux.h.")
+@click.option("--module-btf", type=_OBJ, help="gtp5g's BTF [default: /sys/kernel/btf/gtp5g when loaded].")
+@click.option("--json", "as_json", is_flag=True, help="Print the built objects as JSON.")
+@cli_errors
+def build_tracer(out_dir: Path | None, kernel_btf: Path, module_btf: Path | None, as_json: bool) -> None:
+    """Build the BPF tracer: vmlinux.h with bpftool, then clang for gtp5g.bpf.o and selftest.bpf.o.
+
+    Needs clang, bpftool and libbpf-dev, and a kernel with BTF (CONFIG_DEBUG_INFO_BTF).
+
+    \b
+    Examples:
+      gtp5g-op build tracer
+      gtp5g-op build tracer --out ./build --json
+    """
+    built = build_objects(out_dir, kernel_btf, module_btf)
+    if as_json:
+        click.echo(json.dumps({name: str(path) for name, path in built.items()}))
+    else:
+        for name, path in built.items():
+            click.echo(f"{name}: {path}")

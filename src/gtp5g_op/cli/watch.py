@@ -1,0 +1,133 @@
+"""``gtp5g-op watch``: a thin layer over :mod:`gtp5g_op.watcher`."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from gtp5g_op.errors import cli_errors
+from gtp5g_op.logsetup import setup_logging
+from gtp5g_op.watcher import BUNDLED_SAMPLE, WatchOptions, run_watch
+
+
+def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
+    if value is not None and value <= 0:
+        raise click.BadParameter("must be greater than 0")
+    return value
+
+
+@click.command()
+@click.option(
+    "--replay",
+    metavar="FILE",
+    is_flag=False,
+    flag_value=BUNDLED_SAMPLE,
+    help="Replay a captured trace (plain or .gz; - for stdin) instead of reading live. "
+    "Without FILE: the bundled lab capture.",
+)
+@click.option("--trace-pipe", metavar="PATH", help="Read this pipe, FIFO or file instead of a private tracefs instance.")
+@click.option("--instance", default="gtp5g-op", show_default=True, help="Name of the private tracefs instance.")
+@click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
+@click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
+@click.option("--no-validate", is_flag=True, help="Trust the trace: skip the live-process checks (for captures).")
+@click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
+@click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
+@click.option("--speed", type=float, callback=_positive, help="Replay at this many times the recorded pace.")
+@click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
+@click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
+@click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
+@click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
+@click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--api-url", metavar="URL", help="Gthulhu API. [env GTP5G_OP_API_URL; default http://127.0.0.1:8080]")
+@click.option("--public-key", metavar="PEM", help="The API server's RSA public key. [env GTP5G_OP_PUBLIC_KEY]")
+@click.option("--ca-bundle", metavar="FILE", help="CA bundle for an https API.")
+@click.option("--insecure", is_flag=True, default=None, help="Do not verify the API's TLS certificate.")
+@click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
+@click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
+@click.option("--config", metavar="TOML", help="Config file (see docs/config.md). [env GTP5G_OP_CONFIG]")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
+@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
+@click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
+@click.pass_context
+@cli_errors
+def watch(ctx: click.Context, **kw) -> None:
+    """Find the processes that carry GTP-U traffic in a trace and (with --push) favour them.
+
+    Reads a private tracefs instance by default (other readers of the global trace_pipe are not
+    disturbed), validates every subject against the live process table, and prints a summary at exit.
+
+    \b
+    Examples:
+      gtp5g-op watch --replay                              # the bundled lab capture
+      gtp5g-op watch --replay lab.trace.gz --no-validate --json
+      gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
+      gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
+      gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
+      gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
+    """
+    setup_logging((ctx.obj or {}).get("verbose", 0), kw["log_format"])
+    from gtp5g_op.config import load_settings
+
+    settings = load_settings(
+        kw["config"],
+        api_url=kw["api_url"],
+        public_key=kw["public_key"],
+        ca_bundle=kw["ca_bundle"],
+        insecure=kw["insecure"],
+        match=kw["match"],
+        exe_allow=kw["exe_allow"] or None,
+        threads=kw["threads"],
+        priority=kw["priority"],
+        execution_time=kw["execution_time"],
+        interval=kw["interval"],
+        replace=kw["replace"],
+    )
+    pusher_factory = None
+    if kw["push"]:
+        from gtp5g_op.strategy_sync import make_pusher
+
+        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
+
+        def pusher_factory():
+            pusher = make_pusher(settings)
+            pusher.start()
+            return pusher
+
+    opts = WatchOptions(
+        replay=kw["replay"],
+        trace_pipe=kw["trace_pipe"],
+        instance=kw["instance"],
+        buffer_kb=kw["buffer_kb"],
+        match=settings.match,
+        validate=not kw["no_validate"],
+        exe_allow=settings.exe_allow,
+        threads=settings.threads,
+        speed=kw["speed"],
+        duration=kw["duration"],
+        push=kw["push"],
+        pusher_factory=pusher_factory,
+        with_tracer=kw["with_tracer"],
+        metrics_port=kw["metrics_port"],
+        accelerate=not kw["no_accel"],
+    )
+    view = None
+    if not kw["as_json"] and opts.replay is None and sys.stdout.isatty():
+        from gtp5g_op.liveview import LiveView
+
+        view = LiveView()
+        opts.live_view = True
+    try:
+        result = run_watch(opts, view=view)
+    finally:
+        if view is not None:
+            view.close()
+    if kw["as_json"]:
+        click.echo(json.dumps(result.report, indent=1))
+    else:
+        from gtp5g_op.liveview import print_summary
+
+        print_summary(result.report)
+    ctx.exit(result.exit_code)

@@ -1,0 +1,63 @@
+"""Errors that reach the user as one line with the fix, and the exit codes they map to."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from typing import Callable, TypeVar
+
+import click
+
+# Exit codes shared by every command.
+EXIT_OK = 0
+EXIT_FAIL = 1  # the command ran and the answer is "no" (check failed, push failed, ...)
+EXIT_USAGE = 2  # bad flags or input (click uses 2 too)
+EXIT_ENV = 3  # the host lacks something (tracefs, permission, tool, module)
+EXIT_API = 4  # the Gthulhu API refused or could not be reached
+
+
+class OpError(Exception):
+    """A failure the user can fix: ``message`` says what went wrong, ``fix`` what to do."""
+
+    exit_code = EXIT_FAIL
+
+    def __init__(self, message: str, fix: str | None = None, exit_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.fix = fix
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def one_line(self) -> str:
+        """The error as printed: ``message; fix: ...`` on a single line."""
+        text = self.message if not self.fix else f"{self.message}; fix: {self.fix}"
+        return " ".join(text.split())
+
+
+class UsageError(OpError):
+    exit_code = EXIT_USAGE
+
+
+class EnvironmentProblem(OpError):
+    exit_code = EXIT_ENV
+
+
+class ApiError(OpError):
+    exit_code = EXIT_API
+
+
+F = TypeVar("F", bound=Callable)
+
+
+def cli_errors(func: F) -> F:
+    """Decorate a click command so an OpError prints one line on stderr and exits with its code."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except OpError as exc:
+            click.echo(f"gtp5g-op: error: {exc.one_line()}", err=True)
+            sys.exit(exc.exit_code)
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,44 @@
+"""Plain data shared by the parser, the process tracker, the validator and the strategy pusher."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A thread the scheduler should favour: ``pid`` is the thread id, ``tgid`` its process."""
+
+    pid: int
+    tgid: int | None
+    comm: str
+
+
+@dataclass(slots=True)
+class ProcessRecord:
+    """What the trace told us about one subject, summed over its events."""
+
+    pid: int
+    tgid: int | None
+    comm: str
+    events: int = 0
+    first_seen: float = 0.0
+    last_seen: float = 0.0
+    hooks: set[str] = field(default_factory=set)
+    # Filled in by validation (None while unvalidated or with --no-validate).
+    valid: bool | None = None
+    reason: str = ""
+    create_time: float | None = None
+    from_threads: bool = False  # added because its process is a target, not seen in the trace
+
+    def as_json(self) -> dict:
+        """The record as it appears in ``--json`` output."""
+        return {
+            "pid": self.pid,
+            "tgid": self.tgid,
+            "comm": self.comm,
+            "events": self.events,
+            "first_seen": self.first_seen,
+            "last_seen": self.last_seen,
+            "hooks": sorted(self.hooks),
+        }

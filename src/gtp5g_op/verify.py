@@ -1,0 +1,287 @@
+"""Check, the way the kernel sees it, that gtp5g exports the functions the tracer attaches to.
+
+Per function: a global function in the symbol table, exported (``__ksymtab_<name>`` in the module, or in
+Module.symvers), and, when the module carries BTF, a FUNC with global linkage. ELF is read with
+pyelftools. pyelftools does not decode BTF, so ``BtfReader`` below reads the ``.BTF`` section (or
+/sys/kernel/btf/<module>) itself: the format is a fixed header, a type table of fixed-size records and a
+string table (kernel Documentation/bpf/btf.rst), and only FUNC names and linkage are needed. This keeps
+``verify`` working on hosts without bpftool.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+from elftools.elf.sections import SymbolTableSection
+
+from gtp5g_op.errors import EnvironmentProblem, UsageError
+
+log = logging.getLogger(__name__)
+
+BTF_MAGIC = 0xEB9F
+KIND_FUNC = 12
+LINKAGE = {0: "static", 1: "global", 2: "extern"}
+# Bytes that follow the 12-byte common record, per kind: (fixed, per vlen entry).
+_KIND_TAIL = {
+    1: (4, 0), 2: (0, 0), 3: (12, 0), 4: (0, 12), 5: (0, 12), 6: (0, 8), 7: (0, 0), 8: (0, 0),
+    9: (0, 0), 10: (0, 0), 11: (0, 0), 12: (0, 0), 13: (0, 8), 14: (4, 0), 15: (0, 12), 16: (0, 0),
+    17: (4, 0), 18: (0, 0), 19: (0, 12),
+}
+SYS_BTF = Path("/sys/kernel/btf")
+
+
+class BtfError(ValueError):
+    """The data is not BTF this reader understands."""
+
+
+@dataclass(frozen=True)
+class BtfHeader:
+    hdr_len: int
+    type_off: int
+    type_len: int
+    str_off: int
+    str_len: int
+    endian: str
+
+
+def btf_header(data: bytes) -> BtfHeader:
+    """Parse the BTF header (either byte order)."""
+    for endian in "<>":
+        if len(data) >= 24 and struct.unpack_from(endian + "H", data)[0] == BTF_MAGIC:
+            _, _, _, hdr_len, type_off, type_len, str_off, str_len = struct.unpack_from(endian + "HBBIIIII", data)
+            return BtfHeader(hdr_len, type_off, type_len, str_off, str_len, endian)
+    raise BtfError("no BTF magic")
+
+
+class BtfReader:
+    """FUNC records of one BTF blob; ``base_str_len`` is the base's string size for split (module) BTF."""
+
+    def __init__(self, data: bytes, base_str_len: int = 0):
+        self.data = data
+        self.hdr = btf_header(data)
+        start = self.hdr.hdr_len
+        self.types = data[start + self.hdr.type_off : start + self.hdr.type_off + self.hdr.type_len]
+        self.strings = data[start + self.hdr.str_off : start + self.hdr.str_off + self.hdr.str_len]
+        self.base_str_len = base_str_len
+
+    def name(self, off: int) -> str | None:
+        """The string at ``off``, or None when it is in the base or not at a string boundary."""
+        local = off - self.base_str_len
+        if local < 0 or local >= len(self.strings) or (local > 0 and self.strings[local - 1] != 0):
+            return None
+        end = self.strings.find(b"\0", local)
+        return self.strings[local:end].decode("ascii", "replace")
+
+    def funcs(self) -> Iterator[tuple[str | None, str]]:
+        """Yield (name, linkage) of every FUNC record."""
+        fmt = self.hdr.endian + "III"
+        pos, n = 0, len(self.types)
+        while pos + 12 <= n:
+            name_off, info, _ = struct.unpack_from(fmt, self.types, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            if kind not in _KIND_TAIL:
+                raise BtfError(f"unknown BTF kind {kind} at type offset {pos}")
+            if kind == KIND_FUNC:
+                yield self.name(name_off), LINKAGE.get(vlen, str(vlen))
+            fixed, each = _KIND_TAIL[kind]
+            pos += 12 + fixed + each * vlen
+
+    def func_linkage(self) -> dict[str, str]:
+        return {name: linkage for name, linkage in self.funcs() if name}
+
+
+def base_str_len(base: Path) -> int:
+    """String-table size of a base BTF: a raw blob (/sys/kernel/btf/vmlinux) or an ELF's .BTF section."""
+    with open(base, "rb") as fh:
+        head = fh.read(24)
+    try:
+        return btf_header(head).str_len
+    except BtfError:
+        data = _elf_btf(base)
+        if data is None:
+            raise BtfError(f"{base} holds no BTF") from None
+        return btf_header(data).str_len
+
+
+def _elf_btf(path: Path) -> bytes | None:
+    with open(path, "rb") as fh:
+        try:
+            elf = ELFFile(fh)
+        except ELFError:
+            return None
+        sec = elf.get_section_by_name(".BTF")
+        return sec.data() if sec is not None else None
+
+
+@dataclass
+class FunctionCheck:
+    name: str
+    global_symbol: bool
+    exported: bool
+    btf: str | None  # "global", "static", "absent"; None when the module has no BTF
+    # False when the BTF encoder wrote linkage=static for every FUNC (pahole 1.24 does, measured):
+    # then presence is what counts, as fentry attaches by BTF id whatever the linkage says.
+    btf_linkage_recorded: bool = True
+
+    @property
+    def btf_ok(self) -> bool:
+        if self.btf is None:
+            return True
+        return self.btf == "global" or (self.btf == "static" and not self.btf_linkage_recorded)
+
+    @property
+    def ok(self) -> bool:
+        return self.global_symbol and self.exported and self.btf_ok
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "global": self.global_symbol, "exported": self.exported,
+                "btf": self.btf, "btf_ok": self.btf_ok, "ok": self.ok}
+
+
+@dataclass
+class VerifyReport:
+    source: str
+    btf_present: bool
+    functions: list[FunctionCheck]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(f.ok for f in self.functions)
+
+    def as_dict(self) -> dict:
+        return {"source": self.source, "btf_present": self.btf_present, "ok": self.ok,
+                "notes": self.notes, "functions": [f.as_dict() for f in self.functions]}
+
+
+def default_functions() -> list[str]:
+    """Names of the bundled export set."""
+    from gtp5g_op.patcher import load_export_set
+
+    return [spec.name for spec in load_export_set().functions]
+
+
+def read_symvers(path: Path) -> set[str]:
+    """Exported names listed in a Module.symvers file."""
+    names = set()
+    for line in path.read_text(errors="replace").splitlines():
+        parts = line.split("\t")
+        if len(parts) >= 4 and parts[3].startswith("EXPORT_SYMBOL"):
+            names.add(parts[1])
+    return names
+
+
+def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None = None,
+              base_btf: Path | None = None) -> VerifyReport:
+    """Check a gtp5g.ko file. ``symvers`` defaults to Module.symvers next to it when present."""
+    names = list(names or default_functions())
+    ko = Path(ko)
+    if not ko.is_file():
+        raise UsageError(f"{ko} does not exist", fix="build it first: gtp5g-op build module --src DIR")
+    global_funcs: set[str] = set()
+    ksymtab: set[str] = set()
+    try:
+        with open(ko, "rb") as fh:
+            elf = ELFFile(fh)
+            symtab = elf.get_section_by_name(".symtab")
+            if not isinstance(symtab, SymbolTableSection):
+                raise UsageError(f"{ko} has no symbol table (stripped?)", fix="verify an unstripped build")
+            for sym in symtab.iter_symbols():
+                if sym.name.startswith("__ksymtab_"):
+                    ksymtab.add(sym.name[len("__ksymtab_"):])
+                elif (sym["st_info"]["type"] == "STT_FUNC" and sym["st_info"]["bind"] == "STB_GLOBAL"
+                      and sym["st_shndx"] != "SHN_UNDEF"):
+                    global_funcs.add(sym.name)
+            btf_data = elf.get_section_by_name(".BTF")
+            btf_data = btf_data.data() if btf_data is not None else None
+    except ELFError as exc:
+        raise UsageError(f"{ko} is not an ELF file: {exc}", fix="pass the built gtp5g.ko") from exc
+    notes = []
+    symvers = symvers if symvers is not None else ko.with_name("Module.symvers")
+    if symvers.is_file():
+        listed = read_symvers(symvers)
+        for name in names:
+            if (name in listed) != (name in ksymtab):
+                notes.append(f"{symvers} disagrees with the .ko about {name} (stale? rebuild); "
+                             "the .ko's __ksymtab decides")
+    btf = None
+    if btf_data is None:
+        notes.append("no .BTF section: module BTF was not generated (pahole + vmlinux in KDIR needed)")
+    else:
+        btf = _btf_linkage(btf_data, base_btf, notes)
+    return _report(str(ko), names, global_funcs, ksymtab, btf, notes)
+
+
+def _btf_linkage(data: bytes, base_btf: Path | None, notes: list[str]) -> dict[str, str] | None:
+    bases = [base_btf] if base_btf else [SYS_BTF / "vmlinux"]
+    for base in bases:
+        try:
+            linkage = BtfReader(data, base_str_len(base)).func_linkage()
+        except (OSError, BtfError) as exc:
+            notes.append(f"BTF not readable with base {base}: {exc}")
+            continue
+        if linkage:
+            return linkage
+        notes.append(f"module BTF names do not resolve against {base} (built for another kernel?)")
+    try:  # a module BTF that is not split (no base) resolves on its own
+        linkage = BtfReader(data, 0).func_linkage()
+        return linkage or None
+    except BtfError:
+        return None
+
+
+def _report(source: str, names: Sequence[str], global_funcs: set[str], exported: set[str],
+            btf: dict[str, str] | None, notes: list[str]) -> VerifyReport:
+    recorded = btf is not None and "global" in btf.values()
+    if btf and not recorded:
+        notes.append("this BTF marks every FUNC linkage=static (pahole 1.24 does): the BTF check is presence")
+    checks = [
+        FunctionCheck(n, n in global_funcs, n in exported, None if btf is None else btf.get(n, "absent"),
+                      recorded)
+        for n in names
+    ]
+    return VerifyReport(source, btf is not None, checks, notes)
+
+
+def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", proc: Path = Path("/proc"),
+                  sys_root: Path = Path("/sys")) -> VerifyReport:
+    """Check the loaded module: /proc/kallsyms for global and ``__ksymtab_`` symbols, its BTF in sysfs."""
+    names = list(names or default_functions())
+    if not (proc / "modules").exists():
+        raise EnvironmentProblem(
+            "this kernel has no loadable module support (no /proc/modules, CONFIG_MODULES off)",
+            fix="verify a built file instead: gtp5g-op verify path/to/gtp5g.ko",
+        )
+    if not (sys_root / "module" / module).is_dir():
+        raise EnvironmentProblem(f"{module} is not loaded",
+                                 fix=f"modprobe {module}, or verify a file: gtp5g-op verify gtp5g.ko")
+    global_funcs: set[str] = set()
+    ksymtab: set[str] = set()
+    tag = f"[{module}]"
+    with open(proc / "kallsyms", errors="replace") as fh:
+        for line in fh:
+            parts = line.split()
+            if len(parts) < 4 or parts[3] != tag:
+                continue
+            kind, sym = parts[1], parts[2]
+            if sym.startswith("__ksymtab_"):
+                ksymtab.add(sym[len("__ksymtab_"):])
+            elif kind == "T":
+                global_funcs.add(sym)
+    notes = []
+    if global_funcs == set() and ksymtab == set():
+        notes.append("no symbols of the module in kallsyms (kptr_restrict? run as root)")
+    btf_path = sys_root / "kernel" / "btf" / module
+    btf = None
+    if btf_path.is_file():
+        base = sys_root / "kernel" / "btf" / "vmlinux"
+        btf = BtfReader(btf_path.read_bytes(), base_str_len(base)).func_linkage()
+    else:
+        notes.append(f"{btf_path} missing: the module was built without BTF")
+    return _report(f"loaded {module}", names, global_funcs, ksymtab, btf, notes)

@@ -1,0 +1,295 @@
+"""``watch``: read a trace (live pipe, FIFO, file or captured replay), run it through the pipeline, push.
+
+The CLI builds :class:`WatchOptions` and calls :func:`run_watch`; tests call it directly.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gzip
+import logging
+import queue
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator
+
+from gtp5g_op.errors import EXIT_API, EXIT_OK, UsageError
+from gtp5g_op.pipeline import Pipeline
+from gtp5g_op.traceparse import DEFAULT_MATCH, TraceParser
+
+log = logging.getLogger(__name__)
+
+BUNDLED_SAMPLE = "lab-capture.trace.gz"
+READ_CHUNK = 1 << 20
+TICK = 0.2  # seconds between housekeeping rounds while live
+REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
+
+
+@dataclass
+class WatchOptions:
+    """Everything ``watch`` can be told; defaults are the CLI's."""
+
+    replay: str | None = None  # a path, "-" for stdin, or BUNDLED_SAMPLE
+    trace_pipe: str | None = None
+    instance: str = "gtp5g-op"
+    buffer_kb: int | None = None
+    match: str = DEFAULT_MATCH
+    validate: bool = True
+    exe_allow: tuple[str, ...] = ()
+    threads: bool = True
+    speed: float | None = None
+    duration: float | None = None
+    push: bool = False
+    pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
+    with_tracer: bool = False
+    metrics_port: int | None = None
+    live_view: bool = False
+    accelerate: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+@dataclass
+class WatchResult:
+    """What a watch run produced: the JSON report and the exit code."""
+
+    report: dict
+    exit_code: int = EXIT_OK
+    pipeline: Pipeline | None = None
+
+
+# --- sources ---------------------------------------------------------------------------------
+def open_replay(path: str) -> IO[bytes]:
+    """Open a captured trace: a path (plain or gzip, by content), ``-`` for stdin, or the bundled one."""
+    if path == "-":
+        return sys.stdin.buffer
+    if path == BUNDLED_SAMPLE:
+        return gzip.open(resources.files("gtp5g_op") / "data" / BUNDLED_SAMPLE, "rb")  # type: ignore[arg-type]
+    p = Path(path)
+    try:
+        fh = p.open("rb")
+    except FileNotFoundError:
+        raise UsageError(f"replay file {path} does not exist", "give the path of a captured trace") from None
+    except IsADirectoryError:
+        raise UsageError(f"replay file {path} is a directory", "give the path of a captured trace") from None
+    except PermissionError:
+        raise UsageError(f"cannot read replay file {path}: permission denied", "check its mode") from None
+    if fh.peek(2)[:2] == b"\x1f\x8b":
+        return gzip.open(fh, "rb")  # type: ignore[return-value]
+    return fh
+
+
+def read_chunks(fh: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
+    """Yield a file's bytes in chunks."""
+    try:
+        while chunk := fh.read(size):
+            yield chunk
+    except (OSError, EOFError) as exc:  # a truncated .gz: keep what was read, say so
+        log.warning("replay input ended early: %s", exc)
+
+
+def paced(chunks: Iterator[bytes], speed: float, stop: threading.Event) -> Iterator[bytes]:
+    """Re-emit lines at ``speed`` times the pace of their trace timestamps."""
+    from gtp5g_op.traceparse import parse_line
+
+    t0 = ts0 = None
+    tail = b""
+    for chunk in chunks:
+        lines = (tail + chunk).split(b"\n")
+        tail = lines.pop()
+        for line in lines:
+            ev = parse_line(line)
+            if ev is not None:
+                if t0 is None:
+                    t0, ts0 = time.monotonic(), ev.timestamp
+                delay = t0 + (ev.timestamp - ts0) / speed - time.monotonic()
+                if delay > 0 and stop.wait(delay):
+                    return
+            yield line + b"\n"
+    if tail:
+        yield tail
+
+
+class LiveReader:
+    """Reads a live pipe in a thread of its own so parsing or pushing never stalls the kernel buffer."""
+
+    def __init__(self, chunks: Iterator[bytes], stop: threading.Event):
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=256)
+        self._chunks = chunks
+        self._stop = stop
+        self.thread = threading.Thread(target=self._run, name="trace-reader", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for chunk in self._chunks:
+                if self._stop.is_set():
+                    break
+                self.queue.put(chunk)
+            self.queue.put(None)
+        except BaseException as exc:  # handed to the main thread, which raises it
+            self.queue.put(exc)
+
+    def get(self, timeout: float) -> bytes | None:
+        """The next chunk; b"" when nothing came within ``timeout``; None at the end of input."""
+        try:
+            item = self.queue.get(timeout=timeout)
+        except queue.Empty:
+            return b""
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+# --- the run ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
+    """SIGTERM and SIGINT end the watch cleanly (instance removed, final report printed)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(signum: int, _frame: Any) -> None:
+        log.info("signal %d: stopping", signum)
+        stop.set()
+
+    for s in previous:
+        signal.signal(s, handler)
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) -> Pipeline:
+    """The pipeline for these options."""
+    validator = None
+    if opts.validate:
+        from gtp5g_op.procs import ProcessValidator
+
+        validator = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads)
+    parser = TraceParser(opts.match, accelerate=opts.accelerate)
+    return Pipeline(parser, validator=validator, pusher=pusher, metrics=metrics, threads=opts.threads)
+
+
+def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None = None) -> WatchResult:
+    """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
+    if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
+        raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
+    stop = threading.Event()
+    with contextlib.ExitStack() as stack:
+        metrics = None
+        if opts.metrics_port is not None:
+            from gtp5g_op.metrics import Metrics
+
+            metrics = Metrics()
+            metrics.serve(opts.metrics_port)
+            stack.callback(metrics.stop)
+        pusher = opts.pusher_factory() if opts.push and opts.pusher_factory else None
+        if pusher is not None and metrics is not None and hasattr(pusher, "metrics"):
+            pusher.metrics = metrics
+        pipeline = build_pipeline(opts, pusher, metrics)
+        stack.enter_context(_stop_on_signals(stop))
+        pushed_ok = True
+        try:
+            if opts.replay is not None:
+                _run_replay(opts, pipeline, stop, metrics, view)
+            else:
+                _run_live(opts, pipeline, stop, stack, metrics, view)
+        finally:
+            if pusher is not None:
+                pipeline.publish()
+                pushed_ok = pusher.stop(final_push=True)
+        report = pipeline.report()
+        if pusher is not None:
+            report["push"] = _push_status(pusher, pushed_ok)
+        code = EXIT_OK
+        if pusher is not None and opts.replay is not None and not pushed_ok:
+            code = EXIT_API
+        return WatchResult(report, code, pipeline)
+
+
+def _push_status(pusher: Any, ok: bool) -> dict:
+    doc = dataclasses.asdict(pusher.status)
+    doc["final_push_ok"] = ok
+    return doc
+
+
+def _run_replay(
+    opts: WatchOptions, pipeline: Pipeline, stop: threading.Event, metrics: Any, view: Callable | None
+) -> None:
+    deadline = time.monotonic() + opts.duration if opts.duration else None
+    with open_replay(opts.replay) as fh:  # type: ignore[arg-type]
+        chunks: Iterator[bytes] = read_chunks(fh)
+        if opts.speed:
+            chunks = paced(chunks, opts.speed, stop)
+        last_refresh = time.monotonic()
+        for chunk in chunks:
+            pipeline.feed(chunk)
+            if metrics is not None:
+                metrics.mark_read()
+            if opts.speed:
+                now = time.monotonic()
+                if now - last_refresh >= REFRESH:
+                    last_refresh = now
+                    pipeline.refresh()
+                    if view:
+                        view(pipeline, None)
+            if stop.is_set() or (deadline and time.monotonic() >= deadline):
+                break
+    pipeline.finish()
+    pipeline.refresh()
+
+
+def _run_live(
+    opts: WatchOptions,
+    pipeline: Pipeline,
+    stop: threading.Event,
+    stack: contextlib.ExitStack,
+    metrics: Any,
+    view: Callable | None,
+) -> None:
+    from gtp5g_op import tracefs
+
+    instance = None
+    if opts.with_tracer:
+        from gtp5g_op.tracer_run import start_tracer
+
+        stack.enter_context(start_tracer())
+    if opts.trace_pipe:
+        path = Path(opts.trace_pipe)
+    else:
+        instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb))
+        path = instance.pipe
+    reader = LiveReader(tracefs.tail(path, stop), stop)
+    stack.callback(stop.set)
+    deadline = time.monotonic() + opts.duration if opts.duration else None
+    last_refresh = 0.0
+    while not stop.is_set():
+        chunk = reader.get(TICK)
+        if chunk is None:
+            break
+        if chunk:
+            pipeline.feed(chunk)
+        if metrics is not None:
+            metrics.mark_read()
+        now = time.monotonic()
+        if now - last_refresh >= REFRESH:
+            last_refresh = now
+            pipeline.refresh()
+            if view:
+                view(pipeline, instance)
+        if deadline and now >= deadline:
+            break
+    stop.set()
+    pipeline.finish()
+    pipeline.refresh()
+    if instance is not None:
+        pipeline.overruns = instance.overruns()

@@ -1,0 +1,135 @@
+"""The Gthulhu test server as a real subprocess on 127.0.0.1, for any test that talks to the API.
+
+Use the ``gthulhu_server`` fixture (import it into a test module or conftest)::
+
+    from gthulhu_fixtures import gthulhu_server  # noqa: F401
+
+    def test_x(gthulhu_server):
+        gthulhu_server.url, gthulhu_server.public_key        # where and with which key
+        gthulhu_server.control(fault="500", count=3)        # switch a fault, returns the state
+        gthulhu_server.state()["strategies"]                # the raw posted set
+        gthulhu_server.restart()                            # same key, same port, default strategies
+
+``start_server(tmp_path, *extra_args)`` starts one by hand (e.g. ``--token-lifetime 2``); stop it
+with ``.stop()``. Ownership files of code under test should go to ``tmp_path`` (``state_dir``), not
+``/run/gtp5g-op``.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+import requests
+
+
+@dataclass
+class TestServer:
+    """A running ``python -m gtp5g_op.gthulhu_testserver`` process."""
+
+    __test__ = False  # not a pytest test class
+
+    workdir: Path
+    args: list[str] = field(default_factory=list)
+    port: int = 0
+    proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def public_key(self) -> Path:
+        return self.workdir / "gthulhu.pub"
+
+    @property
+    def private_key(self) -> Path:
+        return self.workdir / "gthulhu.key"
+
+    @property
+    def log_path(self) -> Path:
+        return self.workdir / "testserver.log"
+
+    def start(self, timeout: float = 15.0) -> TestServer:
+        """Start on ``port`` (a free one the first time) with the key in ``workdir``; wait until it listens."""
+        cmd = [
+            sys.executable, "-m", "gtp5g_op.gthulhu_testserver",
+            "--port", str(self.port),
+            "--private-key", str(self.private_key),
+            "--public-key-out", str(self.public_key),
+            *self.args,
+        ]
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        log.close()
+        deadline = time.monotonic() + timeout
+        line = b""
+        assert self.proc.stdout is not None
+        while not line.endswith(b"\n"):
+            left = deadline - time.monotonic()
+            if left <= 0 or self.proc.poll() is not None:
+                self.stop()
+                raise RuntimeError(f"test server did not start: {self.log_path.read_text()[-2000:]}")
+            ready, _, _ = select.select([self.proc.stdout], [], [], left)
+            if ready:
+                line += os.read(self.proc.stdout.fileno(), 1)
+        self.port = int(line.decode().rsplit(":", 1)[1])
+        return self
+
+    def stop(self) -> None:
+        """Terminate the process (connections are refused from now on)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self.proc = None
+
+    def restart(self, down_for: float = 0.0) -> None:
+        """Stop, stay down ``down_for`` seconds, start again with the same key and port."""
+        self.stop()
+        time.sleep(down_for)
+        self.start()
+
+    def control(self, **changes: Any) -> dict:
+        """POST /_control with ``changes`` (fault, count, slow_seconds, token_lifetime, strategies, pods ...)."""
+        resp = requests.post(self.url + "/_control", json=changes, timeout=5)
+        resp.raise_for_status()
+        return resp.json()
+
+    def state(self) -> dict:
+        """GET /_control: fault, raw posted strategies, pods, request counters."""
+        resp = requests.get(self.url + "/_control", timeout=5)
+        resp.raise_for_status()
+        return resp.json()
+
+    def pids(self) -> set[int]:
+        """PIDs of the raw posted PID strategies."""
+        return {s["pid"] for s in self.state()["strategies"] if "pid" in s and not s.get("selectors")}
+
+
+def start_server(workdir: Path, *args: str) -> TestServer:
+    """Start a test server keeping its key and log in ``workdir``."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    return TestServer(workdir=workdir, args=list(args)).start()
+
+
+@pytest.fixture
+def gthulhu_server(tmp_path: Path) -> Iterator[TestServer]:
+    """A test server with default settings for the duration of one test."""
+    server = start_server(tmp_path / "gthulhu")
+    try:
+        yield server
+    finally:
+        server.stop()

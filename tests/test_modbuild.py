@@ -1,0 +1,172 @@
+"""Real kbuild runs of the fixture trees against Debian's linux-headers, install with depmod, reload paths."""
+
+from __future__ import annotations
+
+import glob
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gtp5g_op import modbuild, patcher, verify
+from gtp5g_op.cli import main
+from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+
+MINI = Path(__file__).resolve().parent.parent / "fixtures" / "gtp5g-mini"
+HEADERS = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
+
+
+def headers() -> Path:
+    if not HEADERS or shutil.which("make") is None:
+        pytest.skip("needs Debian's linux-headers-amd64 and make (apt-get install linux-headers-amd64)")
+    return Path(HEADERS[-1])
+
+
+@pytest.fixture
+def kdir() -> Path:
+    return headers()
+
+
+def copy_tree(tmp_path: Path, release: str) -> Path:
+    dst = tmp_path / release
+    shutil.copytree(MINI / release, dst)
+    return dst
+
+
+def build_ok(src: Path, kdir: Path) -> modbuild.BuildResult:
+    result = modbuild.build(src, kdir, jobs=2)
+    assert result.ok, "\n".join(result.errors)
+    return result
+
+
+@pytest.mark.parametrize("release", ["v0.8", "v0.10"])
+def test_patch_build_verify_revert_cycle(tmp_path, kdir, release):
+    """The CI flow: patch -> build -> exported; revert -> build -> not exported; re-patch is a no-op."""
+    src = copy_tree(tmp_path, release)
+    exports = patcher.load_export_set()
+    assert patcher.patch(src, exports).changed
+    result = build_ok(src, kdir)
+    assert result.btf_skipped  # Debian's headers ship no vmlinux
+    names = [s.name for s in patcher.check(src, exports) if s.state is not patcher.State.ABSENT]
+    report = verify.verify_ko(result.ko, names)
+    assert report.ok and not report.btf_present, report.as_dict()
+    assert "gtp5g_encap_recv" in verify.read_symvers(src / "Module.symvers")
+    assert patcher.patch(src, exports).changed == []
+
+    patcher.revert(src)
+    report = verify.verify_ko(build_ok(src, kdir).ko, names)
+    assert not report.ok
+    by_name = {f.name: f for f in report.functions}
+    assert not any(f.exported for f in report.functions)
+    assert not by_name["gtp5g_encap_recv"].global_symbol  # static again
+    assert by_name["pdr_find_by_gtp1u"].global_symbol  # global, yet not exported
+
+
+def test_build_with_btf_in_a_copy_of_the_headers(tmp_path, kdir):
+    """Module BTF: vmlinux from /sys/kernel/btf in a COPY of KDIR (never /usr/src); resolve_btfids skipped."""
+    if not modbuild.SYS_VMLINUX.is_file() or shutil.which("pahole") is None:
+        pytest.skip("needs /sys/kernel/btf/vmlinux and pahole (apt-get install dwarves)")
+    kcopy = tmp_path / "kdir"
+    shutil.copytree(kdir, kcopy, symlinks=True)
+    for link in (p for p in kcopy.iterdir() if p.is_symlink()):  # relative links break in the copy
+        target = (kdir / link.name).resolve()
+        link.unlink()
+        link.symlink_to(target)
+    shutil.copyfile(modbuild.SYS_VMLINUX, kcopy / "vmlinux")
+    src = copy_tree(tmp_path, "v0.10")
+    patcher.patch(src, patcher.load_export_set())
+    result = build_ok(src, kcopy)
+    assert not result.btf_skipped and "RESOLVE_BTFIDS=true" in result.notes[0]
+    report = verify.verify_ko(result.ko, base_btf=kcopy / "vmlinux")
+    assert report.btf_present and report.ok, report.as_dict()
+    assert {f.btf for f in report.functions} <= {"global", "static"}
+
+
+def test_build_failure_shows_compiler_errors(tmp_path, kdir):
+    src = copy_tree(tmp_path, "v0.8")
+    pdr = src / "src/pfcp/pdr.c"
+    pdr.write_text(pdr.read_text().replace("return NULL;\n}", "return NULL\n}", 1))
+    result = modbuild.build(src, kdir, jobs=1)
+    assert not result.ok and result.ko is None
+    assert any("error:" in line and "pdr.c" in line for line in result.errors)
+    assert "error:" in result.log.read_text()
+
+
+def test_preflight_and_missing_kdir(tmp_path, kdir):
+    names = {c.name: c for c in modbuild.preflight(kdir)}
+    assert names["compiler"].ok and names["kbuild"].ok and names["compiler"].detail.startswith("gcc")
+    assert not names["vmlinux"].ok and not names["vmlinux"].required
+    assert not modbuild.can_offer_vmlinux(kdir)  # Debian 6.1 headers are not the running kernel's
+    with pytest.raises(EnvironmentProblem, match="kbuild missing"):
+        modbuild.build(copy_tree(tmp_path, "v0.8"), tmp_path / "no-kdir")
+    with pytest.raises(UsageError, match="not a gtp5g source tree"):
+        modbuild.build(tmp_path, kdir)
+
+
+def test_install_copies_and_runs_depmod(tmp_path, kdir):
+    if shutil.which("depmod") is None:
+        pytest.skip("needs depmod (apt-get install kmod)")
+    src = copy_tree(tmp_path, "v0.8")
+    ko = build_ok(src, kdir).ko
+    root = tmp_path / "root"
+    result = modbuild.install(ko, "6.1.0-test", root=root)
+    assert result.path == root / "lib/modules/6.1.0-test/kernel/drivers/net/gtp5g.ko"
+    assert result.path.read_bytes() == ko.read_bytes()
+    assert "kernel/drivers/net/gtp5g.ko:" in (root / "lib/modules/6.1.0-test/modules.dep").read_text()
+
+
+def test_reload_on_this_kernel_says_no_module_support():
+    """Real: this VM's kernel has CONFIG_MODULES off."""
+    if Path("/proc/modules").exists():
+        pytest.skip("this kernel loads modules; the no-support path is not reachable")
+    with pytest.raises(EnvironmentProblem, match="no loadable module support"):
+        modbuild.reload()
+
+
+def fake_host(tmp_path: Path, refcount: int | None) -> tuple[Path, Path]:
+    """A /proc and /sys with gtp5g loaded: a test double, since gtp5g cannot be loaded on this machine."""
+    proc, sys_root = tmp_path / "proc", tmp_path / "sys"
+    proc.mkdir(parents=True)
+    lines = "udp_tunnel 32768 1 gtp5g, Live 0x0\n"
+    if refcount is not None:
+        lines += f"gtp5g 151552 {refcount} - Live 0x0\n"
+        (sys_root / "module/gtp5g/holders").mkdir(parents=True)
+    (proc / "modules").write_text(lines)
+    return proc, sys_root
+
+
+def test_reload_refuses_while_in_use(tmp_path):
+    proc, sys_root = fake_host(tmp_path, refcount=2)
+    ran = []
+    with pytest.raises(OpError, match="in use .2 reference"):
+        modbuild.reload(proc=proc, sys_root=sys_root, run=lambda cmd: ran.append(cmd))
+    assert ran == []
+
+
+def test_reload_sequences(tmp_path):
+    ok = subprocess.CompletedProcess([], 0, "", "")
+    proc, sys_root = fake_host(tmp_path, refcount=0)
+    ran = []
+    steps = modbuild.reload(proc=proc, sys_root=sys_root, run=lambda cmd: ran.append(cmd) or ok)
+    assert ran == [["rmmod", "gtp5g"], ["modprobe", "gtp5g"]] and steps == ["rmmod gtp5g", "modprobe gtp5g"]
+    proc2, sys2 = fake_host(tmp_path / "b", refcount=None)
+    ran.clear()
+    modbuild.reload(proc=proc2, sys_root=sys2, run=lambda cmd: ran.append(cmd) or ok)
+    assert ran == [["modprobe", "gtp5g"]]
+    failing = subprocess.CompletedProcess([], 1, "", "modprobe: FATAL: Module gtp5g not found")
+    with pytest.raises(OpError, match="Module gtp5g not found"):
+        modbuild.reload(proc=proc2, sys_root=sys2, run=lambda cmd: failing)
+
+
+def test_cli_build_module(tmp_path, kdir):
+    src = copy_tree(tmp_path, "v0.10")
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir),
+                                    "--no-copy-vmlinux", "-j", "2"])
+    assert res.exit_code == 0, res.output
+    assert f"built {src}/gtp5g.ko" in res.output and "no BTF" in res.output
+    (src / "src/gtpu/trTCM.c").write_text("this is not C\n")
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir)])
+    assert res.exit_code == 1
+    assert "error:" in res.output and "gtp5g-op: error: build failed" in res.output

@@ -1,0 +1,277 @@
+"""patch-module on the gtp5g-shaped fixture trees: states, diff, idempotence, revert, safety, atomicity."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gtp5g_op import patcher
+from gtp5g_op.cli import main
+from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.patcher import CSource, State
+
+MINI = Path(__file__).resolve().parent.parent / "fixtures" / "gtp5g-mini"
+SEVEN = ["gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "gtp5g_xmit_skb_ipv4",
+         "gtp5g_push_header", "pdr_find_by_gtp1u", "policePacket"]
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(params=["v0.8", "v0.10"])
+def tree(request, tmp_path) -> Path:
+    dst = tmp_path / request.param
+    shutil.copytree(MINI / request.param, dst)
+    return dst
+
+
+@pytest.fixture
+def v10(tmp_path) -> Path:
+    dst = tmp_path / "v0.10"
+    shutil.copytree(MINI / "v0.10", dst)
+    return dst
+
+
+@pytest.fixture
+def exports() -> patcher.ExportSet:
+    return patcher.load_export_set()
+
+
+def states(root: Path, export_set: patcher.ExportSet) -> dict[str, State]:
+    return {s.name: s.state for s in patcher.check(root, export_set)}
+
+
+def test_bundled_set_is_the_seven_functions(exports):
+    assert [f.name for f in exports.functions] == SEVEN
+    assert [f.name for f in exports.functions if f.unstatic] == ["gtp5g_encap_recv"]
+
+
+def test_check_states_before_patching(tree, exports):
+    got = states(tree, exports)
+    assert got["gtp5g_encap_recv"] is State.STATIC
+    assert got["pdr_find_by_gtp1u"] is State.GLOBAL  # multi-line signature
+    assert got["policePacket"] is (State.ABSENT if tree.name == "v0.8" else State.GLOBAL)
+    assert not patcher.check_ok(patcher.check(tree, exports))
+
+
+def test_absent_file_is_reported_not_fatal(tmp_path, exports):
+    root = tmp_path / "v0.8"
+    shutil.copytree(MINI / "v0.8", root)
+    police = next(s for s in patcher.check(root, exports) if s.name == "policePacket")
+    assert police.state is State.ABSENT and "not in this release" in police.note
+    patcher.patch(root, exports)
+    assert patcher.check_ok(patcher.check(root, exports))
+
+
+def test_patch_exports_all_then_second_run_is_a_noop(tree, exports):
+    result = patcher.patch(tree, exports)
+    assert "src/gtpu/encap.c" in result.changed
+    assert set(states(tree, exports).values()) <= {State.EXPORTED, State.ABSENT}
+    encap = (tree / "src/gtpu/encap.c").read_text()
+    assert "static int gtp5g_encap_recv" not in encap.split("/**")[0] + encap.split("* */")[-1]
+    assert encap.count("EXPORT_SYMBOL(gtp5g_encap_recv);") == 1
+    assert "#include <linux/module.h>" in encap
+    after = snapshot(tree)
+    again = patcher.patch(tree, exports)
+    assert again.changed == []
+    assert snapshot(tree) == after
+
+
+def test_revert_restores_byte_for_byte(tree, exports):
+    before = snapshot(tree)
+    patcher.patch(tree, exports)
+    result = patcher.revert(tree)
+    assert result.restored
+    assert snapshot(tree) == before  # the state dir is gone too
+    assert patcher.revert(tree).restored == []
+
+
+def test_diff_is_git_applicable_and_matches_patch(v10, exports, tmp_path):
+    before = snapshot(v10)
+    text = patcher.plan_patch(v10, exports).diff()
+    assert snapshot(v10) == before  # --diff writes nothing
+    assert "-static int gtp5g_encap_recv(struct sock *, struct sk_buff *);\n" in text
+    assert "+int gtp5g_encap_recv(struct sock *, struct sk_buff *);\n" in text
+    assert "-static int gtp5g_encap_recv(struct sock *sk, struct sk_buff *skb)\n" in text
+    assert "+EXPORT_SYMBOL(pdr_find_by_gtp1u);\n" in text
+    assert text.startswith("--- a/src/gtpu/encap.c\n+++ b/src/gtpu/encap.c\n")
+    other = tmp_path / "other"
+    shutil.copytree(MINI / "v0.10", other)
+    subprocess.run(["git", "apply", "-"], input=text.encode(), cwd=other, check=True)
+    patcher.patch(v10, exports)
+    assert {k: v for k, v in snapshot(other).items()} == {
+        k: v for k, v in snapshot(v10).items() if not k.startswith(".gtp5g-op/")}
+
+
+def test_export_extra_function_and_missing_explicit_one(v10, exports):
+    extra = patcher.load_export_set(extra=["gtp1u_udp_encap_recv"])
+    patcher.patch(v10, extra)
+    assert states(v10, extra)["gtp1u_udp_encap_recv"] is State.EXPORTED
+    before = snapshot(v10)
+    with pytest.raises(OpError, match="no_such_function not found"):
+        patcher.patch(v10, patcher.load_export_set(extra=["no_such_function"]))
+    assert snapshot(v10) == before
+
+
+def test_function_moved_to_another_file_is_found(v10, tmp_path):
+    set_file = tmp_path / "set.toml"
+    set_file.write_text('[[function]]\nname = "ip4_find_route"\nfile = "src/gtpu/route.c"\n')
+    status = patcher.check(v10, patcher.load_export_set(set_file))[0]
+    assert status.file == "src/gtpu/pktinfo.c" and "not src/gtpu/route.c" in status.note
+
+
+def test_static_without_unstatic_permission_is_refused(v10, tmp_path):
+    set_file = tmp_path / "set.toml"
+    set_file.write_text('[[function]]\nname = "gtp5g_encap_recv"\nfile = "src/gtpu/encap.c"\nunstatic = false\n')
+    with pytest.raises(OpError, match="unstatic = false"):
+        patcher.patch(v10, patcher.load_export_set(set_file))
+
+
+def test_not_a_gtp5g_tree_is_refused(tmp_path, exports):
+    (tmp_path / "Makefile").write_text("all:\n\ttrue\n")
+    with pytest.raises(UsageError, match="does not look like a gtp5g source tree"):
+        patcher.patch(tmp_path, exports)
+    with pytest.raises(UsageError, match="is not a directory"):
+        patcher.check(tmp_path / "nope", exports)
+
+
+def test_half_edited_trees_are_refused(v10, exports):
+    encap = v10 / "src/gtpu/encap.c"
+    text = encap.read_text()
+    # someone dropped `static` from the definition only: the function is still file-local
+    encap.write_text(text.replace("static int gtp5g_encap_recv(struct sock *sk,", "int gtp5g_encap_recv(struct sock *sk,"))
+    before = snapshot(v10)
+    with pytest.raises(OpError, match="half-edited.*forward declaration at line 17"):
+        patcher.patch(v10, exports)
+    assert snapshot(v10) == before
+    # someone added EXPORT_SYMBOL but left the function static
+    encap.write_text(text.replace("    return ret;\n}\n\nstatic int gtp1u",
+                                  "    return ret;\n}\nEXPORT_SYMBOL(gtp5g_encap_recv);\n\nstatic int gtp1u"))
+    with pytest.raises(OpError, match="half-edited.*still static"):
+        patcher.patch(v10, exports)
+    assert not (v10 / ".gtp5g-op").exists()
+
+
+def _git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+
+
+def test_local_git_edits_on_target_lines_are_refused(v10, exports):
+    _git(v10, "init", "-q")
+    _git(v10, "-c", "user.email=t@t", "-c", "user.name=t", "add", ".")
+    _git(v10, "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "release")
+    pdr = v10 / "src/pfcp/pdr.c"
+    text = pdr.read_text()
+    pdr.write_text(text.replace("    return NULL;\n}\n", "    return NULL; /* local tweak */\n}\n", 2))
+    with pytest.raises(OpError, match="local edits at lines .* pdr_find_by_gtp1u"):
+        patcher.patch(v10, exports)
+    # an edit far from the target lines is fine
+    pdr.write_text(text.replace("return pdr && pdr->teid == teid;", "return pdr != NULL && pdr->teid == teid;"))
+    patcher.patch(v10, exports)
+    assert states(v10, exports)["pdr_find_by_gtp1u"] is State.EXPORTED
+
+
+def test_read_only_file_is_refused(v10, exports):
+    target = v10 / "src/gtpu/pktinfo.c"
+    target.chmod(0o444)
+    before = snapshot(v10)
+    with pytest.raises(EnvironmentProblem, match="read-only"):
+        patcher.patch(v10, exports)
+    assert snapshot(v10) == before
+
+
+def test_failure_mid_write_leaves_every_file_as_it_was(v10, exports, monkeypatch):
+    before = snapshot(v10)
+    real_replace = os.replace
+    calls = {"targets": 0}
+
+    def failing_replace(src, dst):
+        if str(dst).endswith(".c"):
+            calls["targets"] += 1
+            if calls["targets"] == 3:  # two files already renamed into place
+                raise OSError(28, "No space left on device (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(patcher.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        patcher.patch(v10, exports)
+    monkeypatch.setattr(patcher.os, "replace", real_replace)
+    assert calls["targets"] >= 3
+    assert snapshot(v10) == before  # no half-changed file, no temp file, no state left behind
+
+
+def test_revert_refuses_when_patched_file_was_edited_since(v10, exports):
+    patcher.patch(v10, exports)
+    trtcm = v10 / "src/gtpu/trTCM.c"
+    trtcm.write_text(trtcm.read_text() + "/* my change */\n")
+    before = snapshot(v10)
+    with pytest.raises(OpError, match="trTCM.c changed since gtp5g-op patched it"):
+        patcher.revert(v10)
+    assert snapshot(v10) == before
+
+
+def test_scanner_ignores_comments_strings_macros_and_calls():
+    src = CSource(
+        '#define CALL(x) foo(x)\n'
+        '/* int foo(int a) { } */\n'
+        'static const char *s = "foo(";\n'
+        'static int foo(int,\n        int);\n'
+        'static struct ops o = { .cb = foo };\n'
+        'int bar(void) { return foo(1, 2); }\n'
+        'static int foo(int a,\n               int b) {\n    return a + b;\n}\n'
+        'int foo_bar(int a) { return a; }\n'
+    )
+    kinds = [(d.kind, bool(d.static)) for d in src.decls("foo")]
+    assert kinds == [("declaration", True), ("definition", True)]
+    assert src.line_of(src.decls("foo")[1].name_pos) == 8
+
+
+def test_inline_function_is_refused(v10, tmp_path):
+    pkt = v10 / "src/gtpu/pktinfo.c"
+    pkt.write_text(pkt.read_text().replace("void gtp5g_push_header(", "inline void gtp5g_push_header("))
+    status = next(s for s in patcher.check(v10, patcher.load_export_set()) if s.name == "gtp5g_push_header")
+    assert status.conflict and "inline" in status.conflict
+
+
+# ---------------------------------------------------------------- the command
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_cli_check_diff_patch_revert(v10):
+    res = run("patch-module", "--src", str(v10), "--check", "--json")
+    assert res.exit_code == 1
+    doc = json.loads(res.output)
+    assert doc["ok"] is False and doc["functions"][0]["state"] == "static"
+    res = run("patch-module", "--src", str(v10), "--diff")
+    assert res.exit_code == 0 and "+EXPORT_SYMBOL(policePacket);" in res.output
+    res = run("patch-module", "--src", str(v10))
+    assert res.exit_code == 0 and "patched 4 file(s)" in res.output
+    res = run("patch-module", "--src", str(v10))
+    assert "nothing to do" in res.output and "no file changed" in res.output
+    res = run("patch-module", "--src", str(v10), "--check")
+    assert res.exit_code == 0 and "all exported" in res.output
+    res = run("patch-module", "--src", str(v10), "--revert")
+    assert res.exit_code == 0 and "restored src/gtpu/encap.c" in res.output
+    res = run("patch-module", "--src", str(v10), "--revert")
+    assert "nothing to revert" in res.output
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    res = CliRunner().invoke(main, ["patch-module", "--src", str(tmp_path)])
+    assert res.exit_code == 2
+    assert res.output.count("\n") == 1 and "gtp5g-op: error:" in res.output and "fix:" in res.output
+
+
+def test_cli_help_has_examples():
+    res = run("patch-module", "--help")
+    assert "Examples:" in res.output and "--revert" in res.output

@@ -1,0 +1,141 @@
+"""verify: the BTF reader against the running kernel's BTF and hand-made blobs; ELF checks; the command."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from gtp5g_op import verify
+from gtp5g_op.cli import main
+from gtp5g_op.errors import EnvironmentProblem, UsageError
+from gtp5g_op.verify import BtfReader
+
+SYS_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+
+
+def btf_blob(funcs: list[tuple[str, int]], base_str_len: int = 0) -> bytes:
+    """A minimal BTF blob: one INT, one FUNC_PROTO, then FUNC records (name, linkage)."""
+    strings = b"\0int\0"
+    offsets = {}
+    for name, _ in funcs:
+        offsets[name] = len(strings)
+        strings += name.encode() + b"\0"
+    types = struct.pack("<III", base_str_len + 1, 1 << 24, 4) + struct.pack("<I", 32)  # INT
+    types += struct.pack("<III", 0, (13 << 24) | 1, 1) + struct.pack("<II", 0, 1)  # FUNC_PROTO(int)
+    for name, linkage in funcs:
+        types += struct.pack("<III", base_str_len + offsets[name], (12 << 24) | linkage, 2)
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
+def test_reader_on_handmade_blobs():
+    blob = btf_blob([("gtp5g_encap_recv", 1), ("helper", 0)])
+    assert BtfReader(blob).func_linkage() == {"gtp5g_encap_recv": "global", "helper": "static"}
+    split = btf_blob([("policePacket", 1)], base_str_len=5000)
+    assert BtfReader(split, base_str_len=5000).func_linkage() == {"policePacket": "global"}
+    assert BtfReader(split, base_str_len=4999).func_linkage() == {}  # wrong base: names do not resolve
+    with pytest.raises(verify.BtfError):
+        BtfReader(b"\0" * 32)
+
+
+def test_reader_matches_bpftool_on_kernel_btf():
+    if not SYS_VMLINUX.is_file() or shutil.which("bpftool") is None:
+        pytest.skip("needs /sys/kernel/btf/vmlinux and bpftool")
+    ours = BtfReader(SYS_VMLINUX.read_bytes()).func_linkage()
+    dump = subprocess.run(["bpftool", "btf", "dump", "file", str(SYS_VMLINUX)], capture_output=True,
+                          text=True, check=True).stdout
+    theirs = {}
+    for line in dump.splitlines():
+        if "] FUNC '" in line:
+            name = line.split("'")[1]
+            theirs[name] = line.rsplit("linkage=", 1)[1]
+    assert ours == theirs and len(ours) > 1000
+
+
+def test_linkage_rule():
+    recorded = verify.FunctionCheck("f", True, True, "static", btf_linkage_recorded=True)
+    unrecorded = verify.FunctionCheck("f", True, True, "static", btf_linkage_recorded=False)
+    assert not recorded.ok and unrecorded.ok
+    assert not verify.FunctionCheck("f", True, True, "absent", False).ok
+    assert verify.FunctionCheck("f", True, True, None).ok
+    assert not verify.FunctionCheck("f", True, False, None).ok
+
+
+def test_verify_ko_rejects_bad_input(tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        verify.verify_ko(tmp_path / "gtp5g.ko")
+    (tmp_path / "gtp5g.ko").write_text("not elf")
+    with pytest.raises(UsageError, match="not an ELF file"):
+        verify.verify_ko(tmp_path / "gtp5g.ko")
+
+
+def test_verify_loaded_on_this_kernel():
+    """Real: with CONFIG_MODULES off there is no /proc/modules; with it, gtp5g is not loaded here."""
+    with pytest.raises(EnvironmentProblem, match="no loadable module support|gtp5g is not loaded"):
+        verify.verify_loaded(["gtp5g_encap_recv"])
+
+
+def test_verify_loaded_reads_kallsyms_and_sysfs_btf(tmp_path):
+    """A /proc and /sys with gtp5g loaded: a test double, since gtp5g cannot be loaded on this machine."""
+    proc, sys_root = tmp_path / "proc", tmp_path / "sys"
+    (sys_root / "module/gtp5g").mkdir(parents=True)
+    (sys_root / "kernel/btf").mkdir(parents=True)
+    proc.mkdir()
+    (proc / "modules").write_text("gtp5g 151552 0 - Live 0x0\n")
+    (proc / "kallsyms").write_text(
+        "ffffffffc0a01000 T gtp5g_encap_recv\t[gtp5g]\n"
+        "ffffffffc0a02000 r __ksymtab_gtp5g_encap_recv\t[gtp5g]\n"
+        "ffffffffc0a03000 T pdr_find_by_gtp1u\t[gtp5g]\n"
+        "ffffffffc0a04000 t policePacket\t[gtp5g]\n"
+        "ffffffff81000000 T schedule\n"
+    )
+    base = btf_blob([("schedule", 1)])
+    (sys_root / "kernel/btf/vmlinux").write_bytes(base)
+    base_len = verify.btf_header(base).str_len
+    (sys_root / "kernel/btf/gtp5g").write_bytes(
+        btf_blob([("gtp5g_encap_recv", 1), ("pdr_find_by_gtp1u", 1)], base_str_len=base_len))
+    report = verify.verify_loaded(["gtp5g_encap_recv", "pdr_find_by_gtp1u", "policePacket"],
+                                  proc=proc, sys_root=sys_root)
+    got = {f.name: (f.global_symbol, f.exported, f.btf, f.ok) for f in report.functions}
+    assert got == {
+        "gtp5g_encap_recv": (True, True, "global", True),
+        "pdr_find_by_gtp1u": (True, False, "global", False),
+        "policePacket": (False, False, "absent", False),
+    }
+    assert report.btf_present and not report.ok
+
+
+def test_cli_verify_usage_and_json(tmp_path):
+    res = CliRunner().invoke(main, ["verify"])
+    assert res.exit_code == 2 and "either a gtp5g.ko path or --loaded" in res.output
+    res = CliRunner().invoke(main, ["verify", "--loaded", "--json"])
+    assert res.exit_code == 3 and res.output.startswith("gtp5g-op: error:")
+
+
+def test_cli_verify_built_module(tmp_path):
+    """Build the unpatched v0.8 fixture for real and check the table / JSON say not exported."""
+    import glob
+
+    from gtp5g_op import modbuild
+
+    headers = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
+    if not headers:
+        pytest.skip("needs Debian's linux-headers-amd64")
+    src = tmp_path / "v0.8"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "fixtures/gtp5g-mini/v0.8", src)
+    result = modbuild.build(src, Path(headers[-1]), jobs=2)
+    assert result.ok
+    res = CliRunner().invoke(main, ["verify", str(result.ko), "--function", "gtp5g_encap_recv",
+                                    "--function", "pdr_find_by_gtp1u", "--json"])
+    assert res.exit_code == 1
+    doc = json.loads(res.output)
+    assert [(f["name"], f["global"], f["exported"]) for f in doc["functions"]] == [
+        ("gtp5g_encap_recv", False, False), ("pdr_find_by_gtp1u", True, False)]
+    res = CliRunner().invoke(main, ["verify", str(result.ko)])
+    assert "FAIL" in res.output and "no BTF" in res.output and "not all pass" in res.output
