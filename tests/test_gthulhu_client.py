@@ -108,7 +108,7 @@ def test_wrong_public_key_is_a_clear_error(gthulhu_server):
     with pytest.raises(ApiError) as err:
         GthulhuClient(gthulhu_server.url, _other_pem()).list_strategies()
     assert "HTTP 401: Public key verification failed" in err.value.message
-    assert "server's own public key" in err.value.fix
+    assert "public key of the server at --api-url" in err.value.fix
     with pytest.raises(UsageError, match="not a PEM public key"):
         GthulhuClient(gthulhu_server.url, b"hello")
 

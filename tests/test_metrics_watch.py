@@ -80,7 +80,7 @@ def test_metrics_scraped_while_replay_runs(tmp_path):
             except requests.ConnectionError:
                 pass  # not listening yet, or already gone
             time.sleep(0.2)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()

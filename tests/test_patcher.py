@@ -146,7 +146,8 @@ def test_half_edited_trees_are_refused(v10, exports):
     encap = v10 / "src/gtpu/encap.c"
     text = encap.read_text()
     # someone dropped `static` from the definition only: the function is still file-local
-    encap.write_text(text.replace("static int gtp5g_encap_recv(struct sock *sk,", "int gtp5g_encap_recv(struct sock *sk,"))
+    encap.write_text(text.replace("static int gtp5g_encap_recv(struct sock *sk,",
+                                  "int gtp5g_encap_recv(struct sock *sk,"))
     before = snapshot(v10)
     with pytest.raises(OpError, match="half-edited.*forward declaration at line 17"):
         patcher.patch(v10, exports)

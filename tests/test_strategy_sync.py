@@ -208,3 +208,18 @@ def test_final_push_reports_failure(gthulhu_server, tmp_path):
     gthulhu_server.stop()
     assert pusher.stop(final_push=True) is False
     assert pusher.status.last_error and "cannot connect" in pusher.status.last_error
+
+
+def test_metrics_hear_about_pushes_and_renewals(gthulhu_server, tmp_path):
+    from gtp5g_op.metrics import Metrics
+
+    metrics = Metrics()
+    pusher = _pusher(gthulhu_server, tmp_path)
+    pusher.metrics = metrics
+    pusher.start()
+    pusher.update([_t(101)])
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.0)
+    assert pusher.stop(final_push=True)
+    value = metrics.registry.get_sample_value
+    assert value("gtp5g_op_pushes_total", {"result": "ok"}) >= 2
+    assert value("gtp5g_op_token_renewals_total") == 1

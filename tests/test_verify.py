@@ -65,6 +65,8 @@ def test_linkage_rule():
     assert not verify.FunctionCheck("f", True, True, "absent", False).ok
     assert verify.FunctionCheck("f", True, True, None).ok
     assert not verify.FunctionCheck("f", True, False, None).ok
+    assert verify.FunctionCheck("f", False, False, None, present=False, required=False).ok  # skipped
+    assert not verify.FunctionCheck("f", False, False, None, present=False, required=True).ok
 
 
 def test_verify_ko_rejects_bad_input(tmp_path):
@@ -118,6 +120,7 @@ def test_cli_verify_usage_and_json(tmp_path):
     assert res.exit_code == 3 and res.output.startswith("gtp5g-op: error:")
 
 
+@pytest.mark.slow
 def test_cli_verify_built_module(tmp_path):
     """Build the unpatched v0.8 fixture for real and check the table / JSON say not exported."""
     import glob

@@ -188,7 +188,7 @@ class GthulhuClient:
         doc = _safe_json(resp)
         if resp.status_code >= 400:
             fix = (
-                "the public key does not match the server's private key: give the server's own public key"
+                "give the public key of the server at --api-url (--public-key / GTP5G_OP_PUBLIC_KEY)"
                 if resp.status_code == 401
                 else "check the Gthulhu API server's log"
             )

@@ -16,9 +16,9 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 from gtp5g_op.patcher import STATE_DIR, is_gtp5g_tree
@@ -29,7 +29,7 @@ SYS_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 MODULE = "gtp5g"
 INSTALL_SUBDIR = "kernel/drivers/net"
 GTP5G_KIND = "gtp5g"
-_ERROR_LINE = re.compile(r"(error:|Error \d+|\*\*\*|undefined!|fatal)", re.I)
+_ERROR_LINE = re.compile(r"(error:|Error \d+|\*\*\*|undefined!|fatal)", re.IGNORECASE)
 _BTF_SKIPPED = "Skipping BTF generation"
 
 
@@ -42,15 +42,19 @@ def default_kdir(kver: str | None = None) -> Path:
 
 
 def kdir_release(kdir: Path) -> str | None:
-    """The kernel release KDIR was configured for (include/config/kernel.release or .kernelvariables)."""
+    """The release modules built in KDIR are for: UTS_RELEASE (what vermagic uses), else kernel.release.
+
+    Debian's headers hold the upstream version (6.1.192) in include/config/kernel.release but the
+    package's release (6.1.0-56-amd64) in utsrelease.h, so the header wins.
+    """
+    uts = kdir / "include" / "generated" / "utsrelease.h"
+    if uts.is_file():
+        m = re.search(r'UTS_RELEASE\s+"([^"]+)"', uts.read_text())
+        if m:
+            return m.group(1)
     release = kdir / "include" / "config" / "kernel.release"
     if release.is_file():
         return release.read_text().strip() or None
-    variables = kdir / ".kernelvariables"
-    if variables.is_file():
-        m = re.search(r"KERNELRELEASE\s*=\s*(\S+)", variables.read_text())
-        if m:
-            return m.group(1)
     return None
 
 
@@ -285,6 +289,20 @@ def delete_links(kind: str) -> list[str]:
     return [name for _, name in links]
 
 
+def check_reload(force: bool = False, module: str = MODULE, proc: Path = Path("/proc"),
+                 sys_root: Path = Path("/sys")) -> ModuleUse:
+    """Raise now if a reload cannot or must not happen (no module support; in use without ``force``)."""
+    use = module_use(module, proc, sys_root)
+    if use.loaded and use.refcount > 0 and not force:
+        users = f" by {', '.join(use.holders)}" if use.holders else ""
+        raise OpError(
+            f"{module} is in use ({use.refcount} reference(s){users}): its devices (upfgtp) exist "
+            "while the UPF runs; nothing was unloaded",
+            fix="stop the UPF first, or pass --force to delete its gtp5g devices and unload (drops sessions)",
+        )
+    return use
+
+
 def reload(force: bool = False, module: str = MODULE, proc: Path = Path("/proc"),
            sys_root: Path = Path("/sys"),
            run: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None) -> list[str]:
@@ -295,14 +313,7 @@ def reload(force: bool = False, module: str = MODULE, proc: Path = Path("/proc")
     (tests pass their own, since this machine cannot load modules).
     """
     run = run or (lambda cmd: subprocess.run(list(cmd), capture_output=True, text=True, check=False))
-    use = module_use(module, proc, sys_root)
-    if use.loaded and use.refcount > 0 and not force:
-        users = f" by {', '.join(use.holders)}" if use.holders else ""
-        raise OpError(
-            f"{module} is in use ({use.refcount} reference(s){users}): its devices (upfgtp) exist "
-            "while the UPF runs; nothing was unloaded",
-            fix="stop the UPF first, or pass --force to delete its gtp5g devices and unload (drops sessions)",
-        )
+    use = check_reload(force, module, proc, sys_root)
     done = []
     if use.loaded and use.refcount > 0:
         for name in delete_links(GTP5G_KIND):

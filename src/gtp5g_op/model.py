@@ -22,8 +22,8 @@ class ProcessRecord:
     tgid: int | None
     comm: str
     events: int = 0
-    first_seen: float = 0.0
-    last_seen: float = 0.0
+    first_seen: float | None = None  # None for a thread no trace line named yet
+    last_seen: float | None = None
     hooks: set[str] = field(default_factory=set)
     # Filled in by validation (None while unvalidated or with --no-validate).
     valid: bool | None = None

@@ -26,9 +26,9 @@ import shutil
 import stat
 import subprocess
 import tomllib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Sequence
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 
@@ -127,7 +127,7 @@ _MASK = re.compile(
       | '(?:\\.|[^'\\\n])*'            # char literal
       | ^[ \t]*\#(?:[^\n]*\\\n)*[^\n]*  # preprocessor line with continuations
     """,
-    re.S | re.M | re.X,
+    re.DOTALL | re.MULTILINE | re.VERBOSE,
 )
 
 
@@ -256,18 +256,18 @@ class CSource:
         return self.text.count("\n", 0, pos) + 1
 
     def has_include(self, header: str) -> bool:
-        return re.search(rf"^[ \t]*#[ \t]*include[ \t]*<{re.escape(header)}>", self.text, re.M) is not None
+        return re.search(rf"^[ \t]*#[ \t]*include[ \t]*<{re.escape(header)}>", self.text, re.MULTILINE) is not None
 
     def include_insert_pos(self) -> int:
         """Where a new ``#include <...>`` goes: after the last system include before the first body."""
         limit = self.blocks[0][0] if self.blocks else len(self.text)
         best = None
-        for m in re.finditer(r"^[ \t]*#[ \t]*include[ \t]*<[^>\n]*>[^\n]*\n", self.text, re.M):
+        for m in re.finditer(r"^[ \t]*#[ \t]*include[ \t]*<[^>\n]*>[^\n]*\n", self.text, re.MULTILINE):
             if m.start() < limit:
                 best = m.end()
         if best is not None:
             return best
-        first = re.search(r"^[ \t]*#[ \t]*include\b", self.text, re.M)
+        first = re.search(r"^[ \t]*#[ \t]*include\b", self.text, re.MULTILINE)
         return first.start() if first else 0
 
 
@@ -555,7 +555,7 @@ def _git_changed_lines(root: Path, rel: str) -> list[tuple[int, int]] | None:
     if out.returncode != 0:
         return None
     ranges = []
-    for m in re.finditer(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@", out.stdout, re.M):
+    for m in re.finditer(r"^@@ -\d+(?:,\d+)? \+(\d+)(?:,(\d+))? @@", out.stdout, re.MULTILINE):
         start, count = int(m.group(1)), int(m.group(2) or 1)
         ranges.append((start, start + max(count, 1) - 1))
     return ranges

@@ -55,6 +55,8 @@ class Pipeline:
         self._sent: frozenset[Target] | None = None
         self._reported = Stats()
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
+        self.boot_clock = False  # trace timestamps are CLOCK_BOOTTIME: pass them to pid-reuse checks
+        self.tracer: list[dict] | None = None  # per-program report of the loaded tracer
         self.started = clock()
 
     # --- input -------------------------------------------------------------------------------
@@ -93,10 +95,12 @@ class Pipeline:
         if self.validator is None:
             rec.valid = None
             return True
-        verdict = self.validator.check(rec.pid, rec.comm, rec.tgid, seen_at=seen_at)
+        verdict = self.validator.check(rec.pid, rec.comm, rec.tgid, seen_at=seen_at if self.boot_clock else None)
         rec.valid, rec.reason = bool(verdict.ok), verdict.reason
         if not verdict.ok:
-            self.rejected[verdict.reason] = self.rejected.get(verdict.reason, 0) + 1
+            self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
+            if self.metrics is not None:
+                self.metrics.observe_rejected([verdict.code])
             log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
             return False
         rec.tgid = verdict.tgid or rec.tgid
@@ -168,6 +172,8 @@ class Pipeline:
             doc["stats"]["overruns"] = self.overruns
         if self.rejected:
             doc["rejected"] = dict(sorted(self.rejected.items()))
+        if self.tracer is not None:
+            doc["tracer"] = self.tracer
         return doc
 
     def _validity(self, rec: ProcessRecord) -> dict:

@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import psutil
 
@@ -214,7 +214,7 @@ def delete_pids(
     from_selectors = sorted({e["pid"] for e in server if e.get("selectors") and e.get("pid") in set(pids)} - set(removed))
     if not removed:
         extra = (
-            f"; PID(s) {', '.join(map(str, from_selectors))} come from a selector strategy: change that strategy instead"
+            f"; {', '.join(map(str, from_selectors))} is matched by a selector strategy: change that strategy instead"
             if from_selectors
             else ""
         )
@@ -294,7 +294,8 @@ class StrategyPusher:
     the first change (later changes ride along, they do not delay it), and the whole set is re-sent
     every ``interval`` seconds so a restarted server is repopulated. After a failed push the next try
     comes sooner (0.5 s doubling, capped at ``interval``). Never raises into the caller; an outage is
-    logged once when it starts and once when it ends.
+    logged once when it starts and once when it ends. ``metrics`` (settable after construction) is
+    told about every push and token renewal.
     """
 
     def __init__(
@@ -306,8 +307,11 @@ class StrategyPusher:
         replace: bool = False,
         store: OwnershipStore | None = None,
         known_selectors: Sequence[dict] = DEFAULT_KNOWN_SELECTORS,
+        metrics: Any = None,
     ):
         self.client = client
+        self.metrics = metrics  # gtp5g_op.metrics.Metrics (observe_push, token_renewed) or None
+        self._renewals_seen = 0
         self.policy = policy
         self.interval = interval
         self.debounce = debounce
@@ -406,6 +410,20 @@ class StrategyPusher:
                 self._next_push = time.monotonic() + delay
 
     def _push(self, desired: list[dict], changed_at: float | None) -> bool:
+        """One push, reported to ``metrics``; never raises."""
+        started = time.monotonic()
+        ok = self._push_once(desired, changed_at)
+        if self.metrics is not None:
+            try:
+                self.metrics.observe_push(ok, time.monotonic() - started)
+                for _ in range(self.client.token_renewals - self._renewals_seen):
+                    self.metrics.token_renewed()
+                self._renewals_seen = self.client.token_renewals
+            except Exception:  # noqa: BLE001 - metrics must never stop pushing
+                log.debug("metrics update failed", exc_info=True)
+        return ok
+
+    def _push_once(self, desired: list[dict], changed_at: float | None) -> bool:
         """One GET + merge + POST (or a plain POST with ``replace``); never raises."""
         started = time.monotonic()
         desired_pids = {d["pid"] for d in desired}

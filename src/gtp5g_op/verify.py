@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import struct
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
@@ -78,22 +78,24 @@ class BtfReader:
         end = self.strings.find(b"\0", local)
         return self.strings[local:end].decode("ascii", "replace")
 
-    def funcs(self) -> Iterator[tuple[str | None, str]]:
-        """Yield (name, linkage) of every FUNC record."""
+    def iter_funcs(self, first_id: int = 1) -> Iterator[tuple[int, str | None, str]]:
+        """Yield (type id, name, linkage) of every FUNC record; ids count from ``first_id``."""
         fmt = self.hdr.endian + "III"
-        pos, n = 0, len(self.types)
+        pos, n, type_id = 0, len(self.types), first_id
         while pos + 12 <= n:
             name_off, info, _ = struct.unpack_from(fmt, self.types, pos)
             kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
             if kind not in _KIND_TAIL:
                 raise BtfError(f"unknown BTF kind {kind} at type offset {pos}")
             if kind == KIND_FUNC:
-                yield self.name(name_off), LINKAGE.get(vlen, str(vlen))
+                yield type_id, self.name(name_off), LINKAGE.get(vlen, str(vlen))
             fixed, each = _KIND_TAIL[kind]
             pos += 12 + fixed + each * vlen
+            type_id += 1
 
     def func_linkage(self) -> dict[str, str]:
-        return {name: linkage for name, linkage in self.funcs() if name}
+        """Name -> linkage of every FUNC whose name resolves."""
+        return {name: linkage for _, name, linkage in self.iter_funcs() if name}
 
 
 def base_str_len(base: Path) -> int:
@@ -128,6 +130,12 @@ class FunctionCheck:
     # False when the BTF encoder wrote linkage=static for every FUNC (pahole 1.24 does, measured):
     # then presence is what counts, as fentry attaches by BTF id whatever the linkage says.
     btf_linkage_recorded: bool = True
+    present: bool = True  # the module has a symbol of this name at all (local or global)
+    required: bool = True  # named by the user: absence fails; from the default set: absence is skipped
+
+    @property
+    def skipped(self) -> bool:
+        return not self.present and not self.required
 
     @property
     def btf_ok(self) -> bool:
@@ -137,11 +145,11 @@ class FunctionCheck:
 
     @property
     def ok(self) -> bool:
-        return self.global_symbol and self.exported and self.btf_ok
+        return self.skipped or (self.global_symbol and self.exported and self.btf_ok)
 
     def as_dict(self) -> dict:
-        return {"name": self.name, "global": self.global_symbol, "exported": self.exported,
-                "btf": self.btf, "btf_ok": self.btf_ok, "ok": self.ok}
+        return {"name": self.name, "present": self.present, "global": self.global_symbol,
+                "exported": self.exported, "btf": self.btf, "btf_ok": self.btf_ok, "ok": self.ok}
 
 
 @dataclass
@@ -179,12 +187,18 @@ def read_symvers(path: Path) -> set[str]:
 
 def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None = None,
               base_btf: Path | None = None) -> VerifyReport:
-    """Check a gtp5g.ko file. ``symvers`` defaults to Module.symvers next to it when present."""
+    """Check a gtp5g.ko file. ``symvers`` defaults to Module.symvers next to it when present.
+
+    Without ``names`` the bundled export set is checked and a function the module lacks entirely
+    (e.g. policePacket before gtp5g v0.9) is reported as skipped, not failed.
+    """
+    required = names is not None
     names = list(names or default_functions())
     ko = Path(ko)
     if not ko.is_file():
         raise UsageError(f"{ko} does not exist", fix="build it first: gtp5g-op build module --src DIR")
     global_funcs: set[str] = set()
+    any_funcs: set[str] = set()
     ksymtab: set[str] = set()
     try:
         with open(ko, "rb") as fh:
@@ -195,9 +209,10 @@ def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None
             for sym in symtab.iter_symbols():
                 if sym.name.startswith("__ksymtab_"):
                     ksymtab.add(sym.name[len("__ksymtab_"):])
-                elif (sym["st_info"]["type"] == "STT_FUNC" and sym["st_info"]["bind"] == "STB_GLOBAL"
-                      and sym["st_shndx"] != "SHN_UNDEF"):
-                    global_funcs.add(sym.name)
+                elif sym["st_info"]["type"] == "STT_FUNC" and sym["st_shndx"] != "SHN_UNDEF":
+                    any_funcs.add(sym.name)
+                    if sym["st_info"]["bind"] == "STB_GLOBAL":
+                        global_funcs.add(sym.name)
             btf_data = elf.get_section_by_name(".BTF")
             btf_data = btf_data.data() if btf_data is not None else None
     except ELFError as exc:
@@ -215,7 +230,7 @@ def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None
         notes.append("no .BTF section: module BTF was not generated (pahole + vmlinux in KDIR needed)")
     else:
         btf = _btf_linkage(btf_data, base_btf, notes)
-    return _report(str(ko), names, global_funcs, ksymtab, btf, notes)
+    return _report(str(ko), names, required, any_funcs, global_funcs, ksymtab, btf, notes)
 
 
 def _btf_linkage(data: bytes, base_btf: Path | None, notes: list[str]) -> dict[str, str] | None:
@@ -236,14 +251,16 @@ def _btf_linkage(data: bytes, base_btf: Path | None, notes: list[str]) -> dict[s
         return None
 
 
-def _report(source: str, names: Sequence[str], global_funcs: set[str], exported: set[str],
-            btf: dict[str, str] | None, notes: list[str]) -> VerifyReport:
+def _report(source: str, names: Sequence[str], required: bool, any_funcs: set[str],
+            global_funcs: set[str], exported: set[str], btf: dict[str, str] | None,
+            notes: list[str]) -> VerifyReport:
     recorded = btf is not None and "global" in btf.values()
     if btf and not recorded:
         notes.append("this BTF marks every FUNC linkage=static (pahole 1.24 does): the BTF check is presence")
     checks = [
         FunctionCheck(n, n in global_funcs, n in exported, None if btf is None else btf.get(n, "absent"),
-                      recorded)
+                      recorded, present=n in any_funcs or n in exported or bool(btf and n in btf),
+                      required=required)
         for n in names
     ]
     return VerifyReport(source, btf is not None, checks, notes)
@@ -252,6 +269,7 @@ def _report(source: str, names: Sequence[str], global_funcs: set[str], exported:
 def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", proc: Path = Path("/proc"),
                   sys_root: Path = Path("/sys")) -> VerifyReport:
     """Check the loaded module: /proc/kallsyms for global and ``__ksymtab_`` symbols, its BTF in sysfs."""
+    required = names is not None
     names = list(names or default_functions())
     if not (proc / "modules").exists():
         raise EnvironmentProblem(
@@ -262,6 +280,7 @@ def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", pro
         raise EnvironmentProblem(f"{module} is not loaded",
                                  fix=f"modprobe {module}, or verify a file: gtp5g-op verify gtp5g.ko")
     global_funcs: set[str] = set()
+    any_funcs: set[str] = set()
     ksymtab: set[str] = set()
     tag = f"[{module}]"
     with open(proc / "kallsyms", errors="replace") as fh:
@@ -272,8 +291,10 @@ def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", pro
             kind, sym = parts[1], parts[2]
             if sym.startswith("__ksymtab_"):
                 ksymtab.add(sym[len("__ksymtab_"):])
-            elif kind == "T":
-                global_funcs.add(sym)
+            elif kind in ("T", "t"):
+                any_funcs.add(sym)
+                if kind == "T":
+                    global_funcs.add(sym)
     notes = []
     if global_funcs == set() and ksymtab == set():
         notes.append("no symbols of the module in kallsyms (kptr_restrict? run as root)")
@@ -284,4 +305,4 @@ def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", pro
         btf = BtfReader(btf_path.read_bytes(), base_str_len(base)).func_linkage()
     else:
         notes.append(f"{btf_path} missing: the module was built without BTF")
-    return _report(f"loaded {module}", names, global_funcs, ksymtab, btf, notes)
+    return _report(f"loaded {module}", names, required, any_funcs, global_funcs, ksymtab, btf, notes)

@@ -19,7 +19,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from gtp5g_op.errors import EXIT_API, EXIT_OK, UsageError
+from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
 from gtp5g_op.pipeline import Pipeline
 from gtp5g_op.traceparse import DEFAULT_MATCH, TraceParser
 
@@ -46,6 +46,7 @@ class WatchOptions:
     speed: float | None = None
     duration: float | None = None
     push: bool = False
+    interval: float = 10.0
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     metrics_port: int | None = None
@@ -135,6 +136,11 @@ class LiveReader:
         except BaseException as exc:  # handed to the main thread, which raises it
             self.queue.put(exc)
 
+    def close(self, timeout: float = 2.0) -> None:
+        """Stop reading and wait for the thread to let go of the pipe."""
+        self._stop.set()
+        self.thread.join(timeout)
+
     def get(self, timeout: float) -> bytes | None:
         """The next chunk; b"" when nothing came within ``timeout``; None at the end of input."""
         try:
@@ -187,9 +193,9 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
     with contextlib.ExitStack() as stack:
         metrics = None
         if opts.metrics_port is not None:
-            from gtp5g_op.metrics import Metrics
+            from gtp5g_op.metrics import Metrics, push_max_age
 
-            metrics = Metrics()
+            metrics = Metrics(push_max_age=push_max_age(opts.interval) if opts.push else None)
             metrics.serve(opts.metrics_port)
             stack.callback(metrics.stop)
         pusher = opts.pusher_factory() if opts.push and opts.pusher_factory else None
@@ -220,6 +226,25 @@ def _push_status(pusher: Any, ok: bool) -> dict:
     doc = dataclasses.asdict(pusher.status)
     doc["final_push_ok"] = ok
     return doc
+
+
+def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
+    """Load and attach the bundled gtp5g tracer until the watch ends; its per-program report."""
+    from gtp5g_op.bpf_loader import open_tracer
+
+    bpf = open_tracer()
+    stack.callback(bpf.close)
+    results = [r.to_dict() for r in bpf.report]
+    if not bpf.attached:
+        why = "; ".join(sorted({r.error for r in bpf.report if r.error})) or "no programs in the object"
+        raise EnvironmentProblem(
+            f"no gtp5g tracer program attached: {why}",
+            "see `gtp5g-op tracer run` for the per-function report and `gtp5g-op doctor`",
+        )
+    for r in bpf.report:
+        if not r.attached:
+            log.warning("tracer: %s not attached: %s", r.function or r.name, r.error)
+    return results
 
 
 def _run_replay(
@@ -259,17 +284,16 @@ def _run_live(
     from gtp5g_op import tracefs
 
     instance = None
-    if opts.with_tracer:
-        from gtp5g_op.tracer_run import start_tracer
-
-        stack.enter_context(start_tracer())
     if opts.trace_pipe:
         path = Path(opts.trace_pipe)
     else:
         instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb))
         path = instance.pipe
+        pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
+    if opts.with_tracer:
+        pipeline.tracer = _load_tracer(stack)
     reader = LiveReader(tracefs.tail(path, stop), stop)
-    stack.callback(stop.set)
+    stack.callback(reader.close)  # before the instance goes: removing it needs the pipe closed
     deadline = time.monotonic() + opts.duration if opts.duration else None
     last_refresh = 0.0
     while not stop.is_set():

@@ -134,6 +134,8 @@ def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: b
     """
     console = Console(stderr=True)
     kdir = kdir or modbuild.default_kdir(kver)
+    if do_reload:
+        modbuild.check_reload(force)  # refuse before building or installing anything
     for check in modbuild.preflight(kdir):
         mark = "[green]ok[/]" if check.ok else ("[red]missing[/]" if check.required else "[yellow]warn[/]")
         console.print(f"{mark} {check.name}: {check.detail}" + ("" if check.ok else f"; fix: {check.fix}"),
@@ -215,6 +217,9 @@ def _print_report(report: verifier.VerifyReport) -> None:
         table.add_column(col)
     for f in report.functions:
         btf = "no BTF" if f.btf is None else (f"[green]{f.btf}[/]" if f.btf_ok else f"[red]{f.btf}[/]")
+        if f.skipped:
+            table.add_row(f.name, "-", "-", "-", "[dim]absent (not in this release)[/]")
+            continue
         table.add_row(f.name, _yes(f.global_symbol), _yes(f.exported), btf,
                       "[green]pass[/]" if f.ok else "[red]FAIL[/]")
     console.print(table)

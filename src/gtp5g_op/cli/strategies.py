@@ -91,7 +91,10 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
             row["command_regex"] or "-",
             row["owner"],
         )
-    Console().print(table)
+    console = Console()
+    if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
+        console.width = max(console.width, 120)
+    console.print(table)
     if not rows:
         click.echo("no strategies")
 

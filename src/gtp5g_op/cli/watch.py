@@ -108,6 +108,7 @@ def watch(ctx: click.Context, **kw) -> None:
         speed=kw["speed"],
         duration=kw["duration"],
         push=kw["push"],
+        interval=settings.interval,
         pusher_factory=pusher_factory,
         with_tracer=kw["with_tracer"],
         metrics_port=kw["metrics_port"],

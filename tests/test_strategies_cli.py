@@ -1,0 +1,110 @@
+"""`gtp5g-op strategies` through click's CliRunner against a real test-server process."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from gthulhu_fixtures import gthulhu_server  # noqa: F401
+from gtp5g_op.cli import main
+from gtp5g_op.errors import EXIT_API, EXIT_USAGE
+
+
+@pytest.fixture
+def run(gthulhu_server, tmp_path):
+    """Invoke ``gtp5g-op strategies ...`` with the server's URL/key from the environment."""
+    env = {
+        "GTP5G_OP_API_URL": gthulhu_server.url,
+        "GTP5G_OP_PUBLIC_KEY": str(gthulhu_server.public_key),
+        "GTP5G_OP_STATE_DIR": str(tmp_path / "state"),
+    }
+
+    def invoke(*args: str, extra_env: dict | None = None):
+        return CliRunner().invoke(main, ["strategies", *args], env={**env, **(extra_env or {})}, catch_exceptions=False)
+
+    return invoke
+
+
+def test_list_table_shows_local_comm_and_state(run, gthulhu_server):
+    demo = gthulhu_server.state()["strategies"]
+    gthulhu_server.control(strategies=[*demo, {"priority": True, "execution_time": 20000000, "pid": os.getpid()}])
+    result = run("list")
+    assert result.exit_code == 0, result.output
+    assert str(os.getpid()) in result.output and "20 ms" in result.output
+    assert "python" in result.output.lower() or "pytest" in result.output.lower()
+    assert "not here" in result.output  # PID 4242 of the demo pod does not exist on this host
+
+
+def test_list_json_is_the_servers_list(run):
+    result = run("list", "--json")
+    assert result.exit_code == 0
+    assert json.loads(result.output) == [
+        {"priority": True, "execution_time": 20000000, "pid": 4242, "selectors": [{"key": "app", "value": "ueransim-macvlan"}]}
+    ]
+
+
+def test_push_delete_prune_only_touch_what_they_should(run, gthulhu_server):
+    gthulhu_server.control(strategies=[
+        {"priority": True, "execution_time": 20000000, "selectors": [{"key": "app", "value": "ueransim-macvlan"}], "command_regex": "nr-gnb|nr-ue|ping"},
+        {"priority": False, "execution_time": 1, "pid": 999},
+    ])
+    result = run("push", "--pid", "101", "--pid", "102", "--no-priority", "--execution-time", "1.5ms", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["pushed"][0] == {"priority": False, "execution_time": 1500000, "pid": 101}
+    assert doc["kept_foreign_pids"] == [999] and doc["kept_selector_strategies"] == 1
+    raw = gthulhu_server.state()["strategies"]
+    assert raw[0]["command_regex"] == "nr-gnb|nr-ue|ping" and gthulhu_server.pids() == {101, 102, 999}
+
+    result = run("delete", "--pid", "102")
+    assert result.exit_code == 0 and "102" in result.output
+    assert gthulhu_server.pids() == {101, 999}
+
+    result = run("prune", "--json")
+    assert json.loads(result.output) == {"removed": [101]}
+    assert gthulhu_server.pids() == {999} and len(gthulhu_server.state()["strategies"]) == 2
+    assert "nothing to remove" in run("prune").output
+
+
+def test_push_takes_policy_from_config_file(run, gthulhu_server, tmp_path):
+    cfg = tmp_path / "op.toml"
+    cfg.write_text('[policy]\npriority = false\nexecution_time = "7ms"\n')
+    result = run("--config", str(cfg), "push", "--pid", "5")
+    assert result.exit_code == 0, result.output
+    assert "priority false, 7 ms" in result.output
+    assert {"priority": False, "execution_time": 7000000, "pid": 5} in gthulhu_server.state()["strategies"]
+
+
+def test_delete_of_a_selector_pid_explains(run):
+    result = run("delete", "--pid", "4242")
+    assert result.exit_code == 1
+    assert "4242 is matched by a selector strategy" in result.output
+
+
+def test_wrong_key_missing_key_and_down_server_exit_codes(run, gthulhu_server, tmp_path):
+    other = tmp_path / "other.pub"
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048).public_key()
+    other.write_bytes(key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    result = run("--public-key", str(other), "list")
+    assert result.exit_code == EXIT_API
+    assert result.output.startswith("gtp5g-op: error: POST ") and "HTTP 401" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+    result = run("list", extra_env={"GTP5G_OP_PUBLIC_KEY": ""})
+    assert result.exit_code == EXIT_USAGE and "no Gthulhu public key" in result.output
+
+    gthulhu_server.stop()
+    result = run("list")
+    assert result.exit_code == EXIT_API and "cannot connect" in result.output
+
+
+def test_help_has_examples():
+    for args in (["strategies", "--help"], ["strategies", "list", "--help"], ["strategies", "push", "--help"],
+                 ["strategies", "delete", "--help"], ["strategies", "prune", "--help"]):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0 and "Examples:" in result.output
