@@ -40,10 +40,11 @@ class TestServer:
     args: list[str] = field(default_factory=list)
     port: int = 0
     proc: subprocess.Popen | None = None
+    scheme: str = "http"
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
     @property
     def public_key(self) -> Path:
@@ -80,7 +81,8 @@ class TestServer:
             ready, _, _ = select.select([self.proc.stdout], [], [], left)
             if ready:
                 line += os.read(self.proc.stdout.fileno(), 1)
-        self.port = int(line.decode().rsplit(":", 1)[1])
+        url = line.decode().split()[-1]
+        self.scheme, self.port = url.split(":", 1)[0], int(url.rsplit(":", 1)[1])
         return self
 
     def stop(self) -> None:
@@ -104,13 +106,13 @@ class TestServer:
 
     def control(self, **changes: Any) -> dict:
         """POST /_control with ``changes`` (fault, count, slow_seconds, token_lifetime, strategies, pods ...)."""
-        resp = requests.post(self.url + "/_control", json=changes, timeout=5)
+        resp = requests.post(self.url + "/_control", json=changes, timeout=5, verify=False)
         resp.raise_for_status()
         return resp.json()
 
     def state(self) -> dict:
         """GET /_control: fault, raw posted strategies, pods, request counters."""
-        resp = requests.get(self.url + "/_control", timeout=5)
+        resp = requests.get(self.url + "/_control", timeout=5, verify=False)
         resp.raise_for_status()
         return resp.json()
 

@@ -119,12 +119,45 @@ def test_token_signed_by_another_key_is_refused(gthulhu_server):
         _client(gthulhu_server).authenticate()
 
 
-def test_tls_is_verified_by_default(gthulhu_server):
-    assert _client(gthulhu_server).__dict__["_session"].verify is True
-    assert _client(gthulhu_server, insecure=True).__dict__["_session"].verify is False
-    https = GthulhuClient(gthulhu_server.url.replace("http:", "https:"), gthulhu_server.public_key.read_bytes(), retries=0)
-    with pytest.raises(ApiError, match="TLS verification failed|cannot connect"):
-        https.health()
+def _self_signed(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (cert path, key path)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.x509.oid import NameOID
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gthulhu-test")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+@pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
+def test_https_is_verified_by_default(tmp_path):
+    cert, key = _self_signed(tmp_path)
+    server = start_server(tmp_path / "srv", "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert server.url.startswith("https://")
+        with pytest.raises(ApiError) as err:
+            _client(server, retries=0).list_strategies()
+        assert "TLS verification failed" in err.value.message and "--ca-bundle" in err.value.fix
+        _client(server, ca_bundle=str(cert)).post_strategies([ENTRY])
+        assert _client(server, insecure=True).list_strategies() == [ENTRY]
+    finally:
+        server.stop()
 
 
 def test_token_never_appears_in_repr_errors_or_logs(gthulhu_server, caplog):

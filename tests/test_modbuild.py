@@ -182,7 +182,6 @@ def test_reload_sequences(tmp_path):
         modbuild.reload(proc=proc2, sys_root=sys2, run=lambda cmd: failing)
 
 
-@pytest.mark.slow
 def test_cli_reload_refuses_before_building_anything(tmp_path, kdir):
     """Real on this VM (no module support): --reload stops before make and before any install."""
     if Path("/proc/modules").exists():

@@ -108,7 +108,8 @@ class GthulhuClient:
         adapter = HTTPAdapter(max_retries=retry)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
-        self._session.verify = False if insecure else (str(ca_bundle) if ca_bundle else True)
+        # Passed with every request: a session-level verify loses to REQUESTS_CA_BUNDLE in requests.
+        self._verify: bool | str = False if insecure else (str(ca_bundle) if ca_bundle else True)
         self._session.headers["User-Agent"] = "gtp5g-op"
         if insecure and self.api_url.startswith("https://"):
             log.warning("TLS certificate checks are off for %s (--insecure)", self.api_url)
@@ -135,7 +136,7 @@ class GthulhuClient:
         url = self.api_url + path
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            return self._session.request(method, url, json=body, headers=headers, timeout=self.timeout)
+            return self._session.request(method, url, json=body, headers=headers, timeout=self.timeout, verify=self._verify)
         except requests.exceptions.SSLError as exc:
             raise ApiError(
                 f"{method} {url}: TLS verification failed ({_reason(exc)})",

@@ -31,6 +31,7 @@ import json
 import logging
 import os
 import re
+import ssl
 import sys
 import threading
 import time
@@ -416,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--empty", action="store_true", help="start with no strategies instead of the default selector one")
     parser.add_argument("--fault", choices=FAULTS, help="start with this fault switched on")
     parser.add_argument("--slow-seconds", type=float, default=2.0)
+    parser.add_argument("--tls-cert", type=Path, help="serve https with this certificate (PEM) ...")
+    parser.add_argument("--tls-key", type=Path, help="... and this private key (PEM)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log every request (never headers)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="gthulhu-testserver: %(message)s")
@@ -429,8 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.public_key_out:
         args.public_key_out.write_bytes(state.public_pem())
     server = make_server(args.host, args.port, state)
+    scheme = "http"
+    if args.tls_cert:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = ctx.wrap_socket(server.socket, server_side=True)
+        scheme = "https"
     host, port = server.server_address[:2]
-    print(f"listening on http://{host}:{port}", flush=True)
+    print(f"listening on {scheme}://{host}:{port}", flush=True)
     try:
         server.serve_forever(poll_interval=0.2)
     except KeyboardInterrupt:

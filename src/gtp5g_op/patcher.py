@@ -291,6 +291,7 @@ class FunctionStatus:
     line: int | None = None  # line of the definition
     moved: bool = False  # defined elsewhere than the set's file
     conflict: str | None = None  # why this function cannot be patched safely
+    fix: str = ""  # what to do about the conflict
     note: str = ""
 
     @property
@@ -305,6 +306,7 @@ class FunctionStatus:
             "line": self.line,
             "required": self.spec.required,
             "conflict": self.conflict,
+            "fix": self.fix or None,
             "note": self.note,
         }
 
@@ -419,30 +421,33 @@ def _classify(spec: ExportSpec, rel: str, src: CSource, defs: list[Decl]) -> Fun
     static_decls = [d for d in decls if d.static]
     is_static = static_def or bool(static_decls)
     status = FunctionStatus(spec, State.ABSENT, rel, line)
+    restore = f"restore {rel} from the release (git checkout -- {rel}) and run patch-module again"
     if len(defs) > 1:
         lines = ", ".join(str(src.line_of(d.name_pos)) for d in defs)
-        status.conflict = f"defined {len(defs)} times in {rel} (lines {lines}, #ifdef variants); edit by hand"
+        status.conflict = f"defined {len(defs)} times in {rel} (lines {lines}, #ifdef variants?)"
+        status.fix = "export it by hand"
     elif static_def and len(static_decls) < len(decls):
-        status.conflict = (
-            f"{rel}:{line} defines it static but a forward declaration is not: local edits? "
-            f"restore {rel} from the release and run again"
-        )
+        status.conflict = f"{rel}:{line} defines it static but a forward declaration is not (local edits?)"
+        status.fix = restore
     elif not static_def and static_decls:
         where = src.line_of(static_decls[0].name_pos)
         status.conflict = (
             f"half-edited: {rel}:{line} dropped `static` from the definition but the forward "
-            f"declaration at line {where} is still static (so the function stays file-local); "
-            f"restore {rel} from the release and run again"
+            f"declaration at line {where} is still static, so the function stays file-local"
         )
+        status.fix = restore
     elif is_static and exports:
         status.conflict = (
             f"half-edited: {rel} has EXPORT_SYMBOL({spec.name}) at line {src.line_of(exports[0])} "
-            f"but the function is still static at line {line}; restore {rel} and run again"
+            f"but the function is still static at line {line}"
         )
+        status.fix = restore
     elif len(exports) > 1:
-        status.conflict = f"{rel} exports {spec.name} {len(exports)} times; remove the duplicates"
+        status.conflict = f"{rel} exports {spec.name} {len(exports)} times"
+        status.fix = "remove the duplicate EXPORT_SYMBOL lines"
     elif definition.inline:
-        status.conflict = f"{rel}:{line} is inline; exporting it would change the code, edit by hand"
+        status.conflict = f"{rel}:{line} is inline; exporting it would change the generated code"
+        status.fix = "export it by hand, or leave it out of the set"
     if is_static:
         status.state = State.STATIC
     elif exports:
@@ -450,10 +455,8 @@ def _classify(spec: ExportSpec, rel: str, src: CSource, defs: list[Decl]) -> Fun
     else:
         status.state = State.GLOBAL
     if status.state is State.STATIC and not spec.unstatic and not status.conflict:
-        status.conflict = (
-            f"{spec.name} is static in {rel}:{line} and the export set does not allow dropping "
-            "`static` (unstatic = false)"
-        )
+        status.conflict = f"static in {rel}:{line} and the export set says unstatic = false"
+        status.fix = f"set unstatic = true for {spec.name} in the set file, or pass --export {spec.name}"
     return status
 
 
@@ -677,7 +680,7 @@ def _raise_conflicts(plan: Plan) -> None:
         first = plan.conflicts[0]
         more = f" (and {len(plan.conflicts) - 1} more)" if len(plan.conflicts) > 1 else ""
         raise OpError(f"refusing to patch {first.name}: {first.conflict}{more}; nothing was changed",
-                      fix="see `gtp5g-op patch-module --check` for every function")
+                      fix=first.fix)
     if plan.missing_required:
         names = ", ".join(s.name for s in plan.missing_required)
         raise OpError(f"{names} not found in {plan.root} (asked for explicitly); nothing was changed",

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import gzip
+import zlib
 import logging
 import queue
 import signal
@@ -70,7 +70,7 @@ def open_replay(path: str) -> IO[bytes]:
     if path == "-":
         return sys.stdin.buffer
     if path == BUNDLED_SAMPLE:
-        return gzip.open(resources.files("gtp5g_op") / "data" / BUNDLED_SAMPLE, "rb")  # type: ignore[arg-type]
+        return (resources.files("gtp5g_op") / "data" / BUNDLED_SAMPLE).open("rb")
     p = Path(path)
     try:
         fh = p.open("rb")
@@ -80,18 +80,42 @@ def open_replay(path: str) -> IO[bytes]:
         raise UsageError(f"replay file {path} is a directory", "give the path of a captured trace") from None
     except PermissionError:
         raise UsageError(f"cannot read replay file {path}: permission denied", "check its mode") from None
-    if fh.peek(2)[:2] == b"\x1f\x8b":
-        return gzip.open(fh, "rb")  # type: ignore[return-value]
     return fh
 
 
 def read_chunks(fh: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
-    """Yield a file's bytes in chunks."""
-    try:
-        while chunk := fh.read(size):
+    """Yield a file's bytes in chunks, decompressing gzip (by its magic bytes) on the way.
+
+    zlib's streaming decompressor is used rather than ``gzip.GzipFile`` so that a truncated
+    capture still yields everything before the cut (GzipFile raises and loses the last block).
+    """
+    first = fh.read(size)
+    if first[:2] != b"\x1f\x8b":
+        chunk = first
+        while chunk:
             yield chunk
-    except (OSError, EOFError) as exc:  # a truncated .gz: keep what was read, say so
-        log.warning("replay input ended early: %s", exc)
+            chunk = fh.read(size)
+        return
+    inflater, pending, data = zlib.decompressobj(wbits=31), False, first
+    try:
+        while data:
+            out, pending = inflater.decompress(data), True
+            while inflater.eof:  # a member ended; another may follow (concatenated gzip)
+                rest, pending = inflater.unused_data, False
+                inflater = zlib.decompressobj(wbits=31)
+                if rest:
+                    out += inflater.decompress(rest)
+                    pending = True
+            if out:
+                yield out
+            data = fh.read(size)
+    except zlib.error as exc:
+        log.warning("replay input is not valid gzip past this point: %s", exc)
+        return
+    if pending:
+        if tail := inflater.flush():
+            yield tail
+        log.warning("replay input ended early: the gzip stream is truncated")
 
 
 def paced(chunks: Iterator[bytes], speed: float, stop: threading.Event) -> Iterator[bytes]:

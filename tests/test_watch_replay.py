@@ -1,0 +1,114 @@
+"""``gtp5g-op watch --replay``: the CLI over the same pipeline live watching uses."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+from click.testing import CliRunner
+from conftest import FIXTURES
+
+from gtp5g_op.cli import main
+
+TRACES = sorted((FIXTURES / "traces").glob("*.trace"))
+
+
+def invoke(*args: str, input: bytes | None = None):
+    return CliRunner().invoke(main, list(args), input=input, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("path", TRACES, ids=lambda p: p.name)
+def test_json_report_matches_expected(path):
+    res = invoke("watch", "--replay", str(path), "--no-validate", "--json")
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.output) == json.loads(path.with_suffix(".expected.json").read_text())
+
+
+def test_gzip_and_stdin_give_the_same_report(tmp_path):
+    src = FIXTURES / "traces" / "gtp5g-tracer.trace"
+    gz = tmp_path / "capture.trace.gz"
+    gz.write_bytes(gzip.compress(src.read_bytes()))
+    plain = invoke("watch", "--replay", str(src), "--no-validate", "--json").output
+    assert invoke("watch", "--replay", str(gz), "--no-validate", "--json").output == plain
+    assert invoke("watch", "--replay", "-", "--no-validate", "--json", input=src.read_bytes()).output == plain
+
+
+def test_bundled_capture_table():
+    res = invoke("watch", "--replay", "--no-validate")
+    assert res.exit_code == 0
+    assert "nr-gnb" in res.output and "nr-ue" in res.output and "lost 17" in res.output
+
+
+def test_bundled_capture_has_the_lab_threads():
+    doc = json.loads(invoke("watch", "--replay", "--no-validate", "--json").output)
+    comms = [p["comm"] for p in doc["processes"]]
+    assert comms.count("nr-gnb") == 11 and comms.count("nr-ue") == 12
+    assert doc["stats"]["malformed"] == 0 and doc["stats"]["lost_events"] == 17
+
+
+def test_match_selects_targets():
+    """The kworker line names nr-ue in its message, so only iperf3 (named by pid=5555) is a subject."""
+    doc = json.loads(invoke("watch", "--replay", str(FIXTURES / "traces" / "scheduler.trace"),
+                            "--no-validate", "--json", "--match", "iperf3|kworker/.*").output)
+    assert {(p["pid"], p["comm"]) for p in doc["processes"]} == {(5555, "iperf3")}
+
+
+def test_validation_rejects_processes_of_another_machine():
+    """Without --no-validate, the pids of a capture are checked against this host: none is alive here."""
+    doc = json.loads(invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--json").stdout)
+    assert doc["processes"] == [] and doc["rejected"] == {"dead": 3}
+
+
+def test_speed_replays_at_the_recorded_pace(tmp_path):
+    trace = tmp_path / "paced.trace"
+    trace.write_text("".join(
+        f"nr-gnb-7 [000] .... {10 + i * 0.5:.6f}: bpf_trace_printk: stop: pid=7 (nr-gnb)\n" for i in range(3)))
+    t0 = time.monotonic()
+    doc = json.loads(invoke("watch", "--replay", str(trace), "--no-validate", "--json", "--speed", "4").output)
+    assert time.monotonic() - t0 >= 0.25  # 1 s of trace at 4x
+    assert doc["processes"][0]["events"] == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "words"),
+    [
+        (["--replay", "/nonexistent/x.trace"], 2, "does not exist"),
+        (["--replay", "x", "--trace-pipe", "y"], 2, "cannot be combined"),
+        (["--replay", "x", "--match", "("], 2, "not a valid regular expression"),
+        (["--replay", "x", "--push"], 2, "public key"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(args, code, words, monkeypatch):
+    monkeypatch.delenv("GTP5G_OP_PUBLIC_KEY", raising=False)
+    res = CliRunner().invoke(main, ["watch", *args])
+    assert res.exit_code == code
+    lines = [line for line in res.output.splitlines() if line]
+    assert len(lines) == 1 and words in lines[0] and "fix:" in lines[0]
+
+
+def test_truncated_gzip_keeps_what_was_read(tmp_path):
+    data = gzip.compress((FIXTURES / "traces" / "gtp5g-tracer.trace").read_bytes())
+    bad = tmp_path / "cut.trace.gz"
+    bad.write_bytes(data[: len(data) - 20])
+    res = invoke("watch", "--replay", str(bad), "--no-validate", "--json")
+    assert res.exit_code == 0
+    assert json.loads(res.stdout)["stats"]["lines"] >= 10
+    assert "ended early" in res.stderr
+
+
+def test_help_lists_every_command_and_version():
+    out = invoke("--help").output
+    for cmd in ("watch", "strategies", "patch-module", "verify", "doctor", "tracer", "build"):
+        assert cmd in out
+    assert invoke("--version").output.startswith("gtp5g-op, version ")
+    assert "Examples:" in invoke("watch", "--help").output
+
+
+def test_module_entry_point_runs_as_a_process():
+    out = subprocess.run([sys.executable, "-m", "gtp5g_op", "watch", "--replay", "--no-validate", "--json"],
+                         capture_output=True, check=True, timeout=60).stdout
+    assert len(json.loads(out)["processes"]) == 23
