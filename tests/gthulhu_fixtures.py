@@ -1,8 +1,7 @@
 """The Gthulhu test server as a real subprocess on 127.0.0.1, for any test that talks to the API.
 
-Use the ``gthulhu_server`` fixture (import it into a test module or conftest)::
-
-    from gthulhu_fixtures import gthulhu_server  # noqa: F401
+Load the module as a plugin (``pytest_plugins = ["gthulhu_fixtures"]`` in a test module) and use
+its fixtures::
 
     def test_x(gthulhu_server):
         gthulhu_server.url, gthulhu_server.public_key        # where and with which key
@@ -10,8 +9,10 @@ Use the ``gthulhu_server`` fixture (import it into a test module or conftest)::
         gthulhu_server.state()["strategies"]                # the raw posted set
         gthulhu_server.restart()                            # same key, same port, default strategies
 
-``start_server(tmp_path, *extra_args)`` starts one by hand (e.g. ``--token-lifetime 2``); stop it
-with ``.stop()``. Ownership files of code under test should go to ``tmp_path`` (``state_dir``), not
+    def test_y(gthulhu_start):
+        server = gthulhu_start("--token-lifetime", "2")   # stopped after the test
+
+``start_server(workdir, *extra_args)`` starts one outside pytest; stop it with ``.stop()``. Ownership files of code under test should go to ``tmp_path`` (``state_dir``), not
 ``/run/gtp5g-op``.
 """
 
@@ -22,9 +23,10 @@ import select
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import requests
@@ -67,9 +69,8 @@ class TestServer:
             "--public-key-out", str(self.public_key),
             *self.args,
         ]
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        log.close()
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
         line = b""
         assert self.proc.stdout is not None
@@ -135,3 +136,19 @@ def gthulhu_server(tmp_path: Path) -> Iterator[TestServer]:
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def gthulhu_start(tmp_path: Path) -> Iterator[Callable[..., TestServer]]:
+    """A function that starts test servers with extra command-line arguments; all stop after the test."""
+    servers: list[TestServer] = []
+
+    def start(*args: str) -> TestServer:
+        servers.append(start_server(tmp_path / f"gthulhu-{len(servers)}", *args))
+        return servers[-1]
+
+    try:
+        yield start
+    finally:
+        for server in servers:
+            server.stop()

@@ -9,9 +9,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gthulhu_fixtures import gthulhu_server, start_server  # noqa: F401
 from gtp5g_op.errors import EXIT_API, ApiError, UsageError
 from gtp5g_op.gthulhu import GthulhuClient
+
+pytest_plugins = ["gthulhu_fixtures"]
 
 ENTRY = {"priority": True, "execution_time": 20000000, "pid": 4321}
 
@@ -36,19 +37,16 @@ def test_round_trip_with_either_token_shape(gthulhu_server, shape):
         assert client.token_renewals == 1
 
 
-def test_token_is_renewed_ahead_of_expiry(tmp_path):
-    server = start_server(tmp_path, "--token-lifetime", "2")
-    try:
-        client = _client(server)
-        deadline = time.monotonic() + 4.5
-        while time.monotonic() < deadline:
-            client.list_strategies()
-            time.sleep(0.25)
-        stats = server.state()["stats"]
-        assert stats["tokens_issued"] >= 2 and client.token_renewals == stats["tokens_issued"]
-        assert "token_expired" not in stats  # renewed before the server ever saw an expired token
-    finally:
-        server.stop()
+def test_token_is_renewed_ahead_of_expiry(gthulhu_start):
+    server = gthulhu_start("--token-lifetime", "2")
+    client = _client(server)
+    deadline = time.monotonic() + 4.5
+    while time.monotonic() < deadline:
+        client.list_strategies()
+        time.sleep(0.25)
+    stats = server.state()["stats"]
+    assert stats["tokens_issued"] >= 2 and client.token_renewals == stats["tokens_issued"]
+    assert "token_expired" not in stats  # renewed before the server ever saw an expired token
 
 
 def test_a_401_renews_once_and_retries(gthulhu_server):
@@ -130,7 +128,7 @@ def _self_signed(tmp_path):
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "gthulhu-test")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
         .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
@@ -146,18 +144,15 @@ def _self_signed(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::urllib3.exceptions.InsecureRequestWarning")
-def test_https_is_verified_by_default(tmp_path):
+def test_https_is_verified_by_default(tmp_path, gthulhu_start):
     cert, key = _self_signed(tmp_path)
-    server = start_server(tmp_path / "srv", "--tls-cert", str(cert), "--tls-key", str(key))
-    try:
-        assert server.url.startswith("https://")
-        with pytest.raises(ApiError) as err:
-            _client(server, retries=0).list_strategies()
-        assert "TLS verification failed" in err.value.message and "--ca-bundle" in err.value.fix
-        _client(server, ca_bundle=str(cert)).post_strategies([ENTRY])
-        assert _client(server, insecure=True).list_strategies() == [ENTRY]
-    finally:
-        server.stop()
+    server = gthulhu_start("--tls-cert", str(cert), "--tls-key", str(key))
+    assert server.url.startswith("https://")
+    with pytest.raises(ApiError) as err:
+        _client(server, retries=0).list_strategies()
+    assert "TLS verification failed" in err.value.message and "--ca-bundle" in err.value.fix
+    _client(server, ca_bundle=str(cert)).post_strategies([ENTRY])
+    assert _client(server, insecure=True).list_strategies() == [ENTRY]
 
 
 def test_token_never_appears_in_repr_errors_or_logs(gthulhu_server, caplog):

@@ -194,7 +194,7 @@ def test_failure_mid_write_leaves_every_file_as_it_was(v10, exports, monkeypatch
     calls = {"targets": 0}
 
     def failing_replace(src, dst):
-        if str(dst).endswith(".c"):
+        if str(dst).endswith(".c") and ".gtp5g-op" not in Path(dst).parts:  # a source file, not a backup
             calls["targets"] += 1
             if calls["targets"] == 3:  # two files already renamed into place
                 raise OSError(28, "No space left on device (injected)")
@@ -204,8 +204,23 @@ def test_failure_mid_write_leaves_every_file_as_it_was(v10, exports, monkeypatch
     with pytest.raises(OSError, match="injected"):
         patcher.patch(v10, exports)
     monkeypatch.setattr(patcher.os, "replace", real_replace)
-    assert calls["targets"] >= 3
+    assert calls["targets"] == 3 + 2  # the failing rename, then the two renamed files put back
     assert snapshot(v10) == before  # no half-changed file, no temp file, no state left behind
+
+
+def test_failure_while_saving_backups_leaves_no_trace(v10, exports, monkeypatch):
+    before = snapshot(v10)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        if "originals" in Path(dst).parts and Path(dst).name == "pktinfo.c":
+            raise OSError(5, "Input/output error (injected)")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(patcher.os, "replace", failing_replace)
+    with pytest.raises(OSError, match="injected"):
+        patcher.patch(v10, exports)
+    assert snapshot(v10) == before
 
 
 def test_revert_refuses_when_patched_file_was_edited_since(v10, exports):

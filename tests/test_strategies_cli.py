@@ -10,9 +10,10 @@ from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gthulhu_fixtures import gthulhu_server  # noqa: F401
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EXIT_API, EXIT_USAGE
+
+pytest_plugins = ["gthulhu_fixtures"]
 
 
 @pytest.fixture

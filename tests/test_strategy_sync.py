@@ -7,7 +7,6 @@ import time
 
 import pytest
 
-from gthulhu_fixtures import gthulhu_server, start_server  # noqa: F401
 from gtp5g_op.config import Policy, Rule
 from gtp5g_op.gthulhu import GthulhuClient
 from gtp5g_op.model import Target
@@ -19,6 +18,8 @@ from gtp5g_op.strategy_sync import (
     merge,
     target_strategies,
 )
+
+pytest_plugins = ["gthulhu_fixtures"]
 
 APP = [{"key": "app", "value": "ueransim-macvlan"}]
 DEFAULT_SELECTOR = {"priority": True, "execution_time": 20000000, "selectors": APP, "command_regex": "nr-gnb|nr-ue|ping"}
@@ -148,19 +149,16 @@ def test_periodic_resend_repopulates_a_restarted_server(gthulhu_server, tmp_path
     pusher.stop(final_push=False)
 
 
-def test_token_expiry_mid_watch_costs_no_push(tmp_path):
-    server = start_server(tmp_path / "srv", "--token-lifetime", "2")
-    try:
-        pusher = _pusher(server, tmp_path, interval=0.3)
-        pusher.start()
-        pusher.update([_t(101)])
-        time.sleep(4.5)
-        assert pusher.stop(final_push=True)
-        st = pusher.status
-        assert st.pushes_failed == 0 and st.token_renewals >= 3
-        assert "token_expired" not in server.state()["stats"]
-    finally:
-        server.stop()
+def test_token_expiry_mid_watch_costs_no_push(tmp_path, gthulhu_start):
+    server = gthulhu_start("--token-lifetime", "2")
+    pusher = _pusher(server, tmp_path, interval=0.3)
+    pusher.start()
+    pusher.update([_t(101)])
+    time.sleep(4.5)
+    assert pusher.stop(final_push=True)
+    st = pusher.status
+    assert st.pushes_failed == 0 and st.token_renewals >= 3
+    assert "token_expired" not in server.state()["stats"]
 
 
 @pytest.mark.parametrize("fault", ["500", "down", "bad-json", "401", "stopped"])

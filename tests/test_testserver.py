@@ -10,7 +10,7 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gthulhu_fixtures import gthulhu_server, start_server  # noqa: F401
+pytest_plugins = ["gthulhu_fixtures"]
 
 STRATS = "/api/v1/scheduling/strategies"
 
@@ -45,18 +45,15 @@ def test_token_refuses_other_key_and_bad_json(gthulhu_server):
     assert resp.status_code == 400
 
 
-def test_api_needs_a_valid_unexpired_token(tmp_path):
-    server = start_server(tmp_path, "--token-lifetime", "1")
-    try:
-        assert requests.get(server.url + STRATS, timeout=5).status_code == 401
-        assert requests.get(server.url + STRATS, headers={"Authorization": "Bearer abc"}, timeout=5).status_code == 401
-        headers = _auth(server)
-        assert requests.get(server.url + STRATS, headers=headers, timeout=5).status_code == 200
-        time.sleep(2.1)
-        resp = requests.get(server.url + STRATS, headers=headers, timeout=5)
-        assert resp.status_code == 401 and "expired" in resp.json()["error"]
-    finally:
-        server.stop()
+def test_api_needs_a_valid_unexpired_token(gthulhu_start):
+    server = gthulhu_start("--token-lifetime", "1")
+    assert requests.get(server.url + STRATS, timeout=5).status_code == 401
+    assert requests.get(server.url + STRATS, headers={"Authorization": "Bearer abc"}, timeout=5).status_code == 401
+    headers = _auth(server)
+    assert requests.get(server.url + STRATS, headers=headers, timeout=5).status_code == 200
+    time.sleep(2.1)
+    resp = requests.get(server.url + STRATS, headers=headers, timeout=5)
+    assert resp.status_code == 401 and "expired" in resp.json()["error"]
 
 
 def test_post_replaces_and_get_expands_selectors_like_the_real_server(gthulhu_server):

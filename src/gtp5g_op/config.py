@@ -9,9 +9,10 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from gtp5g_op.errors import UsageError
 
@@ -25,7 +26,7 @@ _UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
 
 
-def parse_duration_ns(value: str | int | float) -> int:
+def parse_duration_ns(value: str | float) -> int:
     """``"20ms"``, ``"1.5s"``, ``"500us"``, ``"100ns"`` or a bare number of nanoseconds → ns."""
     if isinstance(value, bool):
         raise UsageError(f"execution time {value!r} is not a duration", "write it like 20ms, 1.5s or 500us")
@@ -36,7 +37,7 @@ def parse_duration_ns(value: str | int | float) -> int:
     m = _DURATION_RE.match(value)
     if not m:
         raise UsageError(f"execution time {value!r} is not a duration", "write it like 20ms, 1.5s, 500us or 20000000 (ns)")
-    return int(round(float(m.group(1)) * _UNITS_NS[m.group(2) or "ns"]))
+    return round(float(m.group(1)) * _UNITS_NS[m.group(2) or "ns"])
 
 
 def format_duration_ns(ns: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Self
 
 import jwt
 import requests
@@ -124,7 +124,7 @@ class GthulhuClient:
         self._session.close()
         self._token = None
 
-    def __enter__(self) -> GthulhuClient:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -185,7 +185,7 @@ class Handler(BaseHTTPRequestHandler):
     state: ServerState  # set on the subclass made by make_server
     foreign_token = False  # set per request by the foreign-token fault
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+    def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
 
     # --- helpers ---------------------------------------------------------------------------------
@@ -282,10 +282,10 @@ class Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
-    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+    def do_GET(self) -> None:
         self._dispatch("GET")
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         self._dispatch("POST")
 
     # --- routes ----------------------------------------------------------------------------------

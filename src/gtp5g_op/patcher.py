@@ -507,7 +507,8 @@ def _edits_for(status: FunctionStatus, src: CSource) -> list[_Edit]:
         if eol < 0:
             edits.append(_Edit(len(src.text), 0, "\n" + export, line, name))
         elif rest.strip():
-            raise OpError(f"unexpected code after the closing brace of {name} in line {line}")
+            raise OpError(f"{name}: code follows its closing brace on line {line}; cannot place EXPORT_SYMBOL",
+                          fix="put the closing brace on its own line, or export it by hand")
         else:
             edits.append(_Edit(eol + 1, 0, export, line, name))
     return edits

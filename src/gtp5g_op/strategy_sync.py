@@ -22,9 +22,10 @@ import random
 import re
 import threading
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any
 
 import psutil
 
@@ -419,7 +420,7 @@ class StrategyPusher:
                 for _ in range(self.client.token_renewals - self._renewals_seen):
                     self.metrics.token_renewed()
                 self._renewals_seen = self.client.token_renewals
-            except Exception:  # noqa: BLE001 - metrics must never stop pushing
+            except Exception:  # metrics must never stop pushing
                 log.debug("metrics update failed", exc_info=True)
         return ok
 
