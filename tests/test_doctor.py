@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 from conftest import require_root
-from gthulhu_fixtures import gthulhu_server  # noqa: F401
 
 from gtp5g_op import doctor, patcher
 from gtp5g_op.cli import main

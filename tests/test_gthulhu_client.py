@@ -12,7 +12,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gtp5g_op.errors import EXIT_API, ApiError, UsageError
 from gtp5g_op.gthulhu import GthulhuClient
 
-pytest_plugins = ["gthulhu_fixtures"]
 
 ENTRY = {"priority": True, "execution_time": 20000000, "pid": 4321}
 

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 from conftest import require_root
-from gthulhu_fixtures import gthulhu_server  # noqa: F401
 
 from gtp5g_op import workload
 

@@ -13,7 +13,6 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EXIT_API, EXIT_USAGE
 
-pytest_plugins = ["gthulhu_fixtures"]
 
 
 @pytest.fixture
@@ -109,3 +108,12 @@ def test_help_has_examples():
                  ["strategies", "delete", "--help"], ["strategies", "prune", "--help"]):
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0 and "Examples:" in result.output
+
+
+def test_push_replace_drops_everything_else(run, gthulhu_server):
+    gthulhu_server.control(strategies=[{"priority": False, "execution_time": 1, "pid": 999}])
+    assert run("push", "--pid", "7").exit_code == 0
+    result = run("push", "--pid", "8", "--replace")
+    assert result.exit_code == 0, result.output
+    assert gthulhu_server.state()["strategies"] == [{"priority": True, "execution_time": 20000000, "pid": 8}]
+    assert json.loads(run("prune", "--json").output) == {"removed": [8]}

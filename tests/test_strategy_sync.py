@@ -19,7 +19,6 @@ from gtp5g_op.strategy_sync import (
     target_strategies,
 )
 
-pytest_plugins = ["gthulhu_fixtures"]
 
 APP = [{"key": "app", "value": "ueransim-macvlan"}]
 DEFAULT_SELECTOR = {"priority": True, "execution_time": 20000000, "selectors": APP, "command_regex": "nr-gnb|nr-ue|ping"}
@@ -105,7 +104,7 @@ def test_first_push_is_fast_merges_and_dead_processes_leave(gthulhu_server, tmp_
     raw = gthulhu_server.state()["strategies"]
     assert DEFAULT_SELECTOR in raw and {"priority": True, "execution_time": 1, "pid": 999} in raw  # foreign kept
     pusher.update([_t(102, "nr-ue")])  # 101 died
-    assert _wait(lambda: gthulhu_server.pids() == {102, 999}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {102, 999}, 2.0)
     assert pusher.stop(final_push=True) is True
     st = pusher.status
     assert st.pushes_ok >= 3 and st.pushes_failed == 0 and st.last_change_latency < 1.0 and st.foreign_kept == 2
@@ -117,7 +116,7 @@ def test_replace_drops_foreign_entries(gthulhu_server, tmp_path):
     pusher = _pusher(gthulhu_server, tmp_path, replace=True)
     pusher.start()
     pusher.update([_t(101)])
-    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 2.0)
     pusher.stop(final_push=False)
     assert gthulhu_server.state()["strategies"] == [{"priority": True, "execution_time": 20000000, "pid": 101}]
 
@@ -131,7 +130,7 @@ def test_restarted_tool_removes_its_stale_entries(gthulhu_server, tmp_path):
     second = _pusher(gthulhu_server, tmp_path)
     second.start()
     second.update([_t(102)])
-    assert _wait(lambda: gthulhu_server.pids() == {102}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {102}, 2.0)
     second.stop(final_push=False)
 
 
@@ -139,12 +138,12 @@ def test_periodic_resend_repopulates_a_restarted_server(gthulhu_server, tmp_path
     pusher = _pusher(gthulhu_server, tmp_path, interval=1.0)
     pusher.start()
     pusher.update([_t(101)])
-    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 2.0)
     gthulhu_server.restart()
     restarted = time.monotonic()
     assert gthulhu_server.pids() == set()
-    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.5)
-    assert time.monotonic() - restarted <= 1.5  # within one interval (+ scheduling slack)
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 2.0)
+    assert time.monotonic() - restarted <= 2.0  # within one interval (1 s) plus slack for a loaded host
     assert DEFAULT_SELECTOR in gthulhu_server.state()["strategies"]
     pusher.stop(final_push=False)
 
@@ -167,7 +166,7 @@ def test_outage_is_logged_once_and_the_full_set_pushed_after(gthulhu_server, tmp
     pusher = _pusher(gthulhu_server, tmp_path, interval=0.5)
     pusher.start()
     pusher.update([_t(101)])
-    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 2.0)
     if fault == "stopped":
         gthulhu_server.stop()
     else:
@@ -216,7 +215,7 @@ def test_metrics_hear_about_pushes_and_renewals(gthulhu_server, tmp_path):
     pusher.metrics = metrics
     pusher.start()
     pusher.update([_t(101)])
-    assert _wait(lambda: gthulhu_server.pids() == {101}, 1.0)
+    assert _wait(lambda: gthulhu_server.pids() == {101}, 2.0)
     assert pusher.stop(final_push=True)
     value = metrics.registry.get_sample_value
     assert value("gtp5g_op_pushes_total", {"result": "ok"}) >= 2

@@ -10,7 +10,6 @@ import requests
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-pytest_plugins = ["gthulhu_fixtures"]
 
 STRATS = "/api/v1/scheduling/strategies"
 

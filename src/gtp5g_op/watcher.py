@@ -29,6 +29,7 @@ BUNDLED_SAMPLE = "lab-capture.trace.gz"
 READ_CHUNK = 1 << 20
 TICK = 0.2  # seconds between housekeeping rounds while live
 REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
+PUSH_STOP_WAIT = 5.0  # at exit, how long to wait for a push still in flight before the final one
 
 
 @dataclass
@@ -236,7 +237,7 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
         finally:
             if pusher is not None:
                 pipeline.publish()
-                pushed_ok = pusher.stop(final_push=True)
+                pushed_ok = pusher.stop(final_push=True, timeout=PUSH_STOP_WAIT)
         report = pipeline.report()
         if pusher is not None:
             report["push"] = _push_status(pusher, pushed_ok)
@@ -271,27 +272,38 @@ def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
     return results
 
 
+class _Refresher:
+    """Every REFRESH seconds: forget exited processes, pick up threads, publish, redraw the view."""
+
+    def __init__(self, pipeline: Pipeline, view: Callable | None, instance: Any = None):
+        self.pipeline, self.view, self.instance = pipeline, view, instance
+        self.last = 0.0
+
+    def __call__(self, now: float) -> None:
+        if now - self.last >= REFRESH:
+            self.last = now
+            self.pipeline.refresh()
+            if self.view:
+                self.view(self.pipeline, self.instance)
+
+
 def _run_replay(
     opts: WatchOptions, pipeline: Pipeline, stop: threading.Event, metrics: Any, view: Callable | None
 ) -> None:
     deadline = time.monotonic() + opts.duration if opts.duration else None
+    refresh = _Refresher(pipeline, view)
     with open_replay(opts.replay) as fh:  # type: ignore[arg-type]
         chunks: Iterator[bytes] = read_chunks(fh)
         if opts.speed:
             chunks = paced(chunks, opts.speed, stop)
-        last_refresh = time.monotonic()
         for chunk in chunks:
             pipeline.feed(chunk)
             if metrics is not None:
                 metrics.mark_read()
-            if opts.speed:
-                now = time.monotonic()
-                if now - last_refresh >= REFRESH:
-                    last_refresh = now
-                    pipeline.refresh()
-                    if view:
-                        view(pipeline, None)
-            if stop.is_set() or (deadline and time.monotonic() >= deadline):
+            now = time.monotonic()
+            if opts.speed:  # a paced replay behaves like a live watch
+                refresh(now)
+            if stop.is_set() or (deadline and now >= deadline):
                 break
     pipeline.finish()
     pipeline.refresh()
@@ -319,7 +331,7 @@ def _run_live(
     reader = LiveReader(tracefs.tail(path, stop), stop)
     stack.callback(reader.close)  # before the instance goes: removing it needs the pipe closed
     deadline = time.monotonic() + opts.duration if opts.duration else None
-    last_refresh = 0.0
+    refresh = _Refresher(pipeline, view, instance)
     while not stop.is_set():
         chunk = reader.get(TICK)
         if chunk is None:
@@ -329,11 +341,7 @@ def _run_live(
         if metrics is not None:
             metrics.mark_read()
         now = time.monotonic()
-        if now - last_refresh >= REFRESH:
-            last_refresh = now
-            pipeline.refresh()
-            if view:
-                view(pipeline, instance)
+        refresh(now)
         if deadline and now >= deadline:
             break
     stop.set()

@@ -115,7 +115,7 @@ def watch(ctx: click.Context, **kw) -> None:
         accelerate=not kw["no_accel"],
     )
     view = None
-    if not kw["as_json"] and opts.replay is None and sys.stdout.isatty():
+    if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
         from gtp5g_op.liveview import LiveView
 
         view = LiveView()
