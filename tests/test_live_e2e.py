@@ -119,3 +119,22 @@ def test_exe_allow_accepts_the_real_executable(selftest_probe, gthulhu_server, t
             assert wait_for(lambda: wl.pid in gthulhu_server.pids(), timeout=5) is not None
     finally:
         finish(watch)
+
+
+def test_with_tracer_says_why_nothing_attached_here(tmp_path):
+    """This VM has no gtp5g (no modules) and refuses fentry: one line, exit 3, and no instance left behind."""
+    require_root("loading BPF programs and reading tracefs")
+    import shutil
+
+    if not shutil.which("clang") or not shutil.which("bpftool"):
+        pytest.skip("clang and bpftool are needed to build the tracer (apt-get install clang bpftool)")
+    if Path("/sys/kernel/btf/gtp5g").exists():
+        pytest.skip("gtp5g is loaded here: the tracer may attach")
+    res = subprocess.run([sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--duration", "1",
+                          "--instance", "gtp5g-op-e2e-tracer"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "XDG_CACHE_HOME": str(tmp_path)})
+    assert res.returncode == 3
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "no gtp5g tracer program attached" in lines[0] and "fix:" in lines[0]
+    assert "gtp5g_encap_recv" in lines[0] or "fentry" in lines[0]
+    assert not (INSTANCE_ROOT / "gtp5g-op-e2e-tracer").exists()

@@ -261,10 +261,11 @@ def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
     stack.callback(bpf.close)
     results = [r.to_dict() for r in bpf.report]
     if not bpf.attached:
-        why = "; ".join(sorted({r.error for r in bpf.report if r.error})) or "no programs in the object"
+        failed = [r for r in bpf.report if r.error]
+        why = f"{failed[0].error} (and {len(failed) - 1} more)" if failed else "the object has no programs"
         raise EnvironmentProblem(
             f"no gtp5g tracer program attached: {why}",
-            "see `gtp5g-op tracer run` for the per-function report and `gtp5g-op doctor`",
+            "`gtp5g-op tracer run` shows the reason for every function; `gtp5g-op doctor` checks the host",
         )
     for r in bpf.report:
         if not r.attached:
