@@ -112,3 +112,29 @@ def test_module_entry_point_runs_as_a_process():
     out = subprocess.run([sys.executable, "-m", "gtp5g_op", "watch", "--replay", "--no-validate", "--json"],
                          capture_output=True, check=True, timeout=60).stdout
     assert len(json.loads(out)["processes"]) == 23
+
+
+def push_args(server, tmp_path):
+    return ["--api-url", server.url, "--public-key", str(server.public_key)]
+
+
+def test_replay_push_makes_one_final_push(gthulhu_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GTP5G_OP_STATE_DIR", str(tmp_path / "state"))
+    res = CliRunner().invoke(main, ["watch", "--replay", "--no-validate", "--json", "--push",
+                                    *push_args(gthulhu_server, tmp_path)])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    assert doc["push"]["final_push_ok"] is True
+    assert gthulhu_server.pids() == {p["pid"] for p in doc["processes"]}
+    assert any(s.get("selectors") for s in gthulhu_server.state()["strategies"]), "foreign entry lost"
+    assert "eyJ" not in res.output
+
+
+def test_replay_push_exits_nonzero_when_the_api_is_down(gthulhu_server, tmp_path, monkeypatch):
+    monkeypatch.setenv("GTP5G_OP_STATE_DIR", str(tmp_path / "state"))
+    gthulhu_server.stop()
+    res = CliRunner().invoke(main, ["watch", "--replay", str(FIXTURES / "traces" / "scheduler.trace"),
+                                    "--no-validate", "--json", "--push", *push_args(gthulhu_server, tmp_path)])
+    assert res.exit_code == 4
+    doc = json.loads(res.stdout)
+    assert doc["push"]["final_push_ok"] is False and len(doc["processes"]) == 5
