@@ -36,7 +36,7 @@ def summary_table(
         row = [str(p["pid"]), str(p["tgid"] or "-"), printable(p["comm"]), str(p["events"]),
                _ts(p["first_seen"]), _ts(p["last_seen"]), ", ".join(printable(h) for h in p["hooks"]) or "-"]
         if validated:
-            row.append("thread of target" if p.get("from_threads") and p["valid"] else
+            row.append("thread of target" if p.get("from_threads") and p["valid"] and not p["events"] else
                        "valid" if p["valid"] else f"rejected: {p['reason']}")
         table.add_row(*row, *(cell(p) for cell in extra.values()))
     return table
