@@ -306,6 +306,8 @@ class BpfObject:
     def _attach(self, names: list[str]) -> None:
         assert self._obj is not None
         progs = dict(self._programs(self._obj))
+        if any(split_section(self._sections[n])[0] in ("tp", "tracepoint") for n in names):
+            _ensure_tracefs()
         for name in names:
             self._lib.captured = []
             try:
@@ -329,6 +331,17 @@ class BpfObject:
             name, section, function, kind, loaded=loaded, attached=False, errno=err,
             error=explain(err, kind, function, stage, detail), detail=detail,
         )
+
+
+def _ensure_tracefs() -> None:
+    """libbpf looks tracepoint ids up in tracefs: mount it when it is not (a failed attach explains why)."""
+    from gtp5g_op.errors import EnvironmentProblem
+    from gtp5g_op.tracefs import find_tracefs
+
+    try:
+        find_tracefs(mount=True)
+    except EnvironmentProblem as exc:
+        log.debug("tracefs not available for tracepoint attach: %s", exc.one_line())
 
 
 def open_tracer(obj: str | os.PathLike | None = None, build_dir: str | os.PathLike | None = None,
