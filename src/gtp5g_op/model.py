@@ -28,6 +28,7 @@ class ProcessRecord:
     # Filled in by validation (None while unvalidated or with --no-validate).
     valid: bool | None = None
     reason: str = ""
+    reason_code: str = ""  # the validator's short code (dead, comm, exe, ...)
     create_time: float | None = None
     from_threads: bool = False  # added because its process is a target, not seen in the trace
 

@@ -12,6 +12,10 @@ from gtp5g_op.traceparse import Stats, SubjectUpdate, TraceParser
 log = logging.getLogger(__name__)
 
 
+# Rejections about a process that no longer exists (or never will be one): not kept as records.
+FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
+
+
 class Validator(Protocol):
     """What the pipeline needs from gtp5g_op.procs.ProcessValidator."""
 
@@ -74,10 +78,11 @@ class Pipeline:
             key = (upd.pid, upd.comm)
             rec = self.records.get(key)
             if rec is None:
-                rec = self.records[key] = ProcessRecord(
-                    upd.pid, upd.tgid, upd.comm, first_seen=upd.first_ts, last_seen=upd.last_ts
-                )
+                rec = ProcessRecord(upd.pid, upd.tgid, upd.comm, first_seen=upd.first_ts, last_seen=upd.last_ts)
                 changed |= self._validate(rec, upd.first_ts)
+                if rec.valid is False and rec.reason_code in FORGET_AT_ONCE:
+                    continue  # nothing left to track: memory stays flat under pid churn
+                self.records[key] = rec
             elif rec.events == 0:  # a thread added before the trace named it
                 rec.first_seen, rec.last_seen = upd.first_ts, upd.last_ts
             rec.events += upd.count
@@ -96,7 +101,7 @@ class Pipeline:
             rec.valid = None
             return True
         verdict = self.validator.check(rec.pid, rec.comm, rec.tgid, seen_at=seen_at if self.boot_clock else None)
-        rec.valid, rec.reason = bool(verdict.ok), verdict.reason
+        rec.valid, rec.reason, rec.reason_code = bool(verdict.ok), verdict.reason, verdict.code
         if not verdict.ok:
             self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
             if self.metrics is not None:

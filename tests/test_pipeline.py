@@ -1,0 +1,68 @@
+"""The pipeline with real processes: validation, threads, exits, and memory under pid churn."""
+
+from __future__ import annotations
+
+import time
+import tracemalloc
+
+from gtp5g_op import workload
+from gtp5g_op.model import Target
+from gtp5g_op.pipeline import Pipeline
+from gtp5g_op.procs import ProcessValidator
+from gtp5g_op.traceparse import TraceParser
+
+
+class Recorder:
+    """Keeps every set handed to ``update`` (the pipeline's side of the pusher contract)."""
+
+    def __init__(self) -> None:
+        self.sets: list[frozenset[Target]] = []
+
+    def update(self, targets) -> None:
+        self.sets.append(frozenset(targets))
+
+
+def line(pid: int, comm: str = "nr-gnb", ts: float = 1.0) -> bytes:
+    return f"{comm}-{pid} [000] ..s21 {ts:.6f}: bpf_trace_printk: stop: pid={pid} ({comm})\n".encode()
+
+
+def test_unvalidated_targets_are_every_subject_seen():
+    pusher = Recorder()
+    pipe = Pipeline(TraceParser(), pusher=pusher)
+    pipe.feed(line(10) + line(11, "nr-ue") + line(12, "bash"))
+    assert {t.pid for t in pipe.targets()} == {10, 11}
+    assert pusher.sets[-1] == pipe.targets()
+
+
+def test_live_process_its_threads_and_its_exit():
+    pusher = Recorder()
+    pipe = Pipeline(TraceParser(), validator=ProcessValidator(), pusher=pusher)
+    with workload.start("nr-gnb", threads=3, rate=5) as wl:
+        pipe.feed(line(wl.ready.tids[0]))
+        targets = {t.pid for t in pusher.sets[-1]}
+        assert targets == {wl.pid, *wl.ready.tids}, "the traced thread's process and all its threads"
+        report = pipe.report()
+        assert {p["pid"] for p in report["processes"] if p["from_threads"]} == targets - {wl.ready.tids[0]}
+    deadline = time.monotonic() + 5
+    while pipe.targets() and time.monotonic() < deadline:
+        time.sleep(0.05)
+        pipe.refresh()
+    assert pipe.targets() == frozenset() and pusher.sets[-1] == frozenset()
+    assert pipe.records == {}
+
+
+def test_memory_stays_flat_under_100k_distinct_pids():
+    """100 000 distinct target pids that are not alive here: none is kept, memory does not grow."""
+    pipe = Pipeline(TraceParser(), validator=ProcessValidator(cache_size=1024))
+    base = 4_000_000  # above any pid this machine hands out (pid_max is at most 4194304)
+    tracemalloc.start()
+    for chunk in range(100):
+        pipe.feed(b"".join(line(base + chunk * 1000 + i) for i in range(1000)))
+        if chunk == 9:
+            after_10k = tracemalloc.get_traced_memory()[0]
+    current, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert pipe.parser.stats.matched == 100_000
+    assert pipe.records == {} and pipe.rejected == {"dead": 100_000}
+    assert current - after_10k < 512 * 1024, "memory grew with the number of pids"
+    assert peak < 16 * 1024 * 1024
