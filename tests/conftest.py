@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,16 @@ def require_root(reason: str = "needs root") -> None:
     """Skip the calling test unless it runs as root."""
     if os.geteuid() != 0:
         pytest.skip(f"{reason}: not running as root")
+
+
+def wait_for(predicate, timeout: float, step: float = 0.02) -> float | None:
+    """Seconds until ``predicate()`` held, or None after ``timeout``."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < timeout:
+        if predicate():
+            return time.monotonic() - t0
+        time.sleep(step)
+    return None
 
 
 @pytest.fixture

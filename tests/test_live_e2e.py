@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root
+from conftest import require_root, wait_for
 
 from gtp5g_op import workload
 
@@ -55,16 +55,6 @@ def start_watch(server, tmp_path: Path, instance: str, *extra: str) -> subproces
         time.sleep(0.05)
     time.sleep(0.3)  # its reader is polling the pipe
     return proc
-
-
-def wait_for(predicate, timeout: float, step: float = 0.02) -> float | None:
-    """Seconds until ``predicate()`` held, or None after ``timeout``."""
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(step)
-    return None
 
 
 def finish(proc: subprocess.Popen) -> dict:

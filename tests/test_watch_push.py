@@ -9,16 +9,9 @@ import subprocess
 import sys
 import time
 
+from conftest import wait_for
+
 from gtp5g_op import workload
-
-
-def wait_for(predicate, timeout: float) -> float | None:
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < timeout:
-        if predicate():
-            return time.monotonic() - t0
-        time.sleep(0.02)
-    return None
 
 
 def test_watch_survives_token_expiry_and_server_restart(gthulhu_start, tmp_path):

@@ -114,14 +114,14 @@ def test_module_entry_point_runs_as_a_process():
     assert len(json.loads(out)["processes"]) == 23
 
 
-def push_args(server, tmp_path):
+def push_args(server):
     return ["--api-url", server.url, "--public-key", str(server.public_key)]
 
 
 def test_replay_push_makes_one_final_push(gthulhu_server, tmp_path, monkeypatch):
     monkeypatch.setenv("GTP5G_OP_STATE_DIR", str(tmp_path / "state"))
     res = CliRunner().invoke(main, ["watch", "--replay", "--no-validate", "--json", "--push",
-                                    *push_args(gthulhu_server, tmp_path)])
+                                    *push_args(gthulhu_server)])
     assert res.exit_code == 0, res.output
     doc = json.loads(res.stdout)
     assert doc["push"]["final_push_ok"] is True
@@ -134,7 +134,7 @@ def test_replay_push_exits_nonzero_when_the_api_is_down(gthulhu_server, tmp_path
     monkeypatch.setenv("GTP5G_OP_STATE_DIR", str(tmp_path / "state"))
     gthulhu_server.stop()
     res = CliRunner().invoke(main, ["watch", "--replay", str(FIXTURES / "traces" / "scheduler.trace"),
-                                    "--no-validate", "--json", "--push", *push_args(gthulhu_server, tmp_path)])
+                                    "--no-validate", "--json", "--push", *push_args(gthulhu_server)])
     assert res.exit_code == 4
     doc = json.loads(res.stdout)
     assert doc["push"]["final_push_ok"] is False and len(doc["processes"]) == 5

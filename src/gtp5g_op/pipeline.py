@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 from gtp5g_op.model import ProcessRecord, Target
 from gtp5g_op.traceparse import Stats, SubjectUpdate, TraceParser
@@ -46,14 +45,12 @@ class Pipeline:
         pusher: Pusher | None = None,
         metrics: Any = None,
         threads: bool = True,
-        clock: Callable[[], float] = time.monotonic,
     ):
         self.parser = parser
         self.validator = validator
         self.pusher = pusher
         self.metrics = metrics
         self.threads = threads and validator is not None
-        self.clock = clock
         self.records: dict[tuple[int, str], ProcessRecord] = {}
         self.rejected: dict[str, int] = {}
         self._sent: frozenset[Target] | None = None
@@ -61,7 +58,6 @@ class Pipeline:
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
         self.boot_clock = False  # trace timestamps are CLOCK_BOOTTIME: pass them to pid-reuse checks
         self.tracer: list[dict] | None = None  # per-program report of the loaded tracer
-        self.started = clock()
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:

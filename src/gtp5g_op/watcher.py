@@ -6,15 +6,14 @@ The CLI builds :class:`WatchOptions` and calls :func:`run_watch`; tests call it 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import zlib
 import logging
 import queue
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import zlib
+from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
@@ -51,9 +50,7 @@ class WatchOptions:
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     metrics_port: int | None = None
-    live_view: bool = False
     accelerate: bool = True
-    extra: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -248,7 +245,7 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
 
 
 def _push_status(pusher: Any, ok: bool) -> dict:
-    doc = dataclasses.asdict(pusher.status)
+    doc = asdict(pusher.status)
     doc["final_push_ok"] = ok
     return doc
 

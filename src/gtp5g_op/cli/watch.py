@@ -119,7 +119,6 @@ def watch(ctx: click.Context, **kw) -> None:
         from gtp5g_op.liveview import LiveView
 
         view = LiveView()
-        opts.live_view = True
     try:
         result = run_watch(opts, view=view)
     finally:
