@@ -149,11 +149,17 @@ def test_threads_lists_every_thread_with_its_current_comm():
         assert not ProcessValidator(threads=False).cover_threads
 
 
-def test_memory_stays_bounded_under_100k_distinct_pids():
-    """100 k distinct pids, mostly dead, plus every live process over and over through a small cache."""
-    validator = ProcessValidator(cache_size=8)
-    live = [(p.pid, read_stat(p.pid)) for p in psutil.process_iter()]
+def test_memory_stays_bounded_under_100k_distinct_pids(gnb):
+    """100 k distinct pids, mostly dead, plus live threads over and over through a smaller cache.
+
+    The live set is the workload's own threads plus every process here, so it outnumbers the cache
+    even in a container that runs only a handful of processes.
+    """
+    validator = ProcessValidator(cache_size=2)
+    tids = [int(t) for t in os.listdir(f"/proc/{gnb.pid}/task")]
+    live = [(tid, read_stat(tid)) for tid in tids] + [(p.pid, read_stat(p.pid)) for p in psutil.process_iter()]
     live = [(pid, st.comm) for pid, st in live if st is not None]
+    assert len(live) > 2
     pid_max = int(Path("/proc/sys/kernel/pid_max").read_text())
     tracemalloc.start()
     began = time.perf_counter()
@@ -168,8 +174,8 @@ def test_memory_stays_bounded_under_100k_distinct_pids():
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     info = validator.cache_info()
-    assert info.currsize <= 8 and info.maxsize == 8
-    assert info.misses > 8, "the cache should have had to evict"
+    assert info.currsize <= 2 and info.maxsize == 2
+    assert info.misses > 2, "the cache should have had to evict"
     assert peak < 2_000_000, f"peak {peak} bytes"
     print(f"100k checks in {elapsed:.2f} s, peak {peak / 1e3:.0f} kB, cache {info}")
 
