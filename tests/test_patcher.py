@@ -110,6 +110,58 @@ def test_diff_is_git_applicable_and_matches_patch(v10, exports, tmp_path):
         k: v for k, v in snapshot(v10).items() if not k.startswith(".gtp5g-op/")}
 
 
+@pytest.mark.parametrize("tool", [["git", "apply", "--unidiff-zero", "-"], ["patch", "-p1", "-s"]])
+def test_zero_context_diff_applies_with_patch_and_git(tree, exports, tmp_path, tool):
+    if not shutil.which(tool[0]):
+        pytest.skip(f"{tool[0]} is not installed")
+    text = patcher.plan_patch(tree, exports).diff(context=0)
+    other = tmp_path / "other"
+    shutil.copytree(tree, other)
+    subprocess.run(tool, input=text.encode(), cwd=other, check=True)
+    patcher.patch(tree, exports)
+    assert snapshot(other) == {k: v for k, v in snapshot(tree).items() if not k.startswith(".gtp5g-op/")}
+
+
+SHIPPED = Path(__file__).resolve().parent.parent / "patches" / "gtp5g-v0.10.2-exports.patch"
+
+
+def test_shipped_patch_carries_only_the_export_set_changes(exports):
+    """The bundled v0.10.2 patch: zero context, and every line it holds follows from the export set.
+
+    Removed lines are only `static` signatures of functions the set un-statics, each re-added without
+    `static`; everything else added is the include or one EXPORT_SYMBOL per function.
+    """
+    body = SHIPPED.read_text().split("\n--- a/", 1)[1]
+    removed = [l[1:] for l in body.splitlines() if l.startswith("-") and not l.startswith("--- a/")]
+    added = [l[1:] for l in body.splitlines() if l.startswith("+") and not l.startswith("+++ b/")]
+    unstatic = {f.name for f in exports.functions if f.unstatic}
+    assert removed and all(r.startswith("static ") and r.split("(")[0].split()[-1] in unstatic for r in removed)
+    assert [r.removeprefix("static ") for r in removed] == [a for a in added if a in
+                                                            {r.removeprefix("static ") for r in removed}]
+    exported = sorted(a[len("EXPORT_SYMBOL("):-2] for a in added if a.startswith("EXPORT_SYMBOL("))
+    assert exported == sorted(f.name for f in exports.functions)
+    others = [a for a in added if not a.startswith("EXPORT_SYMBOL(") and a not in {r[7:] for r in removed}]
+    assert set(others) == {f"#include <{exports.include}>"}
+    assert not any(l.startswith(" ") for l in body.splitlines())  # no context lines
+
+
+UPSTREAM = Path(os.environ.get("GTP5G_UPSTREAM_GIT", "/work/.mirror/free5gc+gtp5g/repo"))
+
+
+@pytest.mark.skipif(not (UPSTREAM / "HEAD").exists() and not (UPSTREAM / ".git").exists(),
+                    reason="no gtp5g git repository here (set GTP5G_UPSTREAM_GIT to a clone of free5gc/gtp5g)")
+def test_shipped_patch_matches_the_tool_on_upstream_v0_10_2(exports, tmp_path):
+    """A local-only check against real gtp5g: the shipped patch == patch-module on tag v0.10.2."""
+    by_tool, by_patch = tmp_path / "tool", tmp_path / "patch"
+    for dst in (by_tool, by_patch):
+        subprocess.run(["git", "clone", "-q", "--branch", "v0.10.2", str(UPSTREAM), str(dst)], check=True,
+                       capture_output=True)
+    subprocess.run(["git", "apply", "--unidiff-zero", str(SHIPPED)], cwd=by_patch, check=True)
+    patcher.patch(by_tool, exports)
+    tool = {k: v for k, v in snapshot(by_tool).items() if not k.startswith((".gtp5g-op/", ".git/"))}
+    assert tool == {k: v for k, v in snapshot(by_patch).items() if not k.startswith(".git/")}
+
+
 def test_export_extra_function_and_missing_explicit_one(v10, exports):
     extra = patcher.load_export_set(extra=["gtp1u_udp_encap_recv"])
     patcher.patch(v10, extra)

@@ -339,13 +339,17 @@ class Plan:
     def missing_required(self) -> list[FunctionStatus]:
         return [s for s in self.statuses if s.state is State.ABSENT and s.spec.required]
 
-    def diff(self) -> str:
-        """The plan as a unified diff, ``git apply``-able from the tree's top (a/ b/ prefixes)."""
+    def diff(self, context: int = 3) -> str:
+        """The plan as a unified diff, ``git apply``-able from the tree's top (a/ b/ prefixes).
+
+        ``context=0`` gives hunks without surrounding lines; apply those with ``patch -p1`` or
+        ``git apply --unidiff-zero``.
+        """
         out = []
         for rel in sorted(self.updated):
             old = self.originals[rel].decode("utf-8", "surrogateescape").splitlines(keepends=True)
             new = self.updated[rel].decode("utf-8", "surrogateescape").splitlines(keepends=True)
-            for line in difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}"):
+            for line in difflib.unified_diff(old, new, f"a/{rel}", f"b/{rel}", n=context):
                 out.append(line if line.endswith("\n") else line + "\n\\ No newline at end of file\n")
         return "".join(out)
 

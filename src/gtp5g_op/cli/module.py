@@ -45,10 +45,12 @@ def _status_table(statuses: list[patcher.FunctionStatus], title: str, actions: b
 @click.option("--check", "mode", flag_value="check", help="Report each function's state; change nothing.")
 @click.option("--diff", "mode", flag_value="diff", help="Print the unified diff; change nothing.")
 @click.option("--revert", "mode", flag_value="revert", help="Restore every changed file byte for byte.")
+@click.option("-U", "--context", type=click.IntRange(0, 100), default=3, show_default=True,
+              help="Lines of context in --diff; 0 leaves out gtp5g's own lines (apply with patch -p1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @cli_errors
 def patch_module(src: Path, set_file: Path | None, extra: tuple[str, ...], mode: str | None,
-                 as_json: bool) -> None:
+                 context: int, as_json: bool) -> None:
     """Export the functions the tracer attaches to, in a gtp5g source tree.
 
     Finds each function by its definition (not by line number), drops `static` where the export set
@@ -61,6 +63,7 @@ def patch_module(src: Path, set_file: Path | None, extra: tuple[str, ...], mode:
       gtp5g-op patch-module --src ~/gtp5g               # apply the bundled export set
       gtp5g-op patch-module --src ~/gtp5g --check       # exported / global only / static / absent
       gtp5g-op patch-module --src ~/gtp5g --diff > exports.patch
+      gtp5g-op patch-module --src ~/gtp5g --diff -U0 > exports.patch   # only the changed lines
       gtp5g-op patch-module --src ~/gtp5g --export gtp5g_rx
       gtp5g-op patch-module --src ~/gtp5g --revert      # back to the release, byte for byte
     """
@@ -91,7 +94,7 @@ def patch_module(src: Path, set_file: Path | None, extra: tuple[str, ...], mode:
         return
     if mode == "diff":
         plan = patcher.plan_patch(src, export_set)
-        click.echo(plan.diff(), nl=False)
+        click.echo(plan.diff(context), nl=False)
         return
     result = patcher.patch(src, export_set)
     if as_json:
