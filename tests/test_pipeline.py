@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 import tracemalloc
 
@@ -49,6 +50,23 @@ def test_live_process_its_threads_and_its_exit():
         pipe.refresh()
     assert pipe.targets() == frozenset() and pusher.sets[-1] == frozenset()
     assert pipe.records == {}
+
+
+def test_unknown_comm_of_a_live_thread_is_named_from_proc():
+    """A `<...>` task column (comm not cached by the kernel) still finds the live nr-gnb thread."""
+    from gtp5g_op.watcher import WatchOptions, build_pipeline
+
+    pusher = Recorder()
+    pipe = build_pipeline(WatchOptions(threads=False), pusher=pusher)
+    with workload.start("nr-gnb", threads=2, rate=5) as wl:
+        tid = wl.ready.tids[1]
+        pipe.feed(f"<...>-{tid} [000] ..s21 1.000000: bpf_trace_printk: fentry/gtp5g_encap_recv: "
+                  f"PID={tid}, TGID={wl.pid}, CPU=0\n<...>-{os.getpid()} [000] ..s21 1.0: bpf_trace_printk: x\n"
+                  .encode())
+        assert pusher.sets[-1] == {Target(tid, wl.pid, "nr-gnb")}
+    no_validate = build_pipeline(WatchOptions(validate=False))
+    no_validate.feed(f"<...>-{tid} [000] ..s21 1.000000: bpf_trace_printk: x\n".encode())
+    assert no_validate.targets() == frozenset()
 
 
 def test_memory_stays_flat_under_100k_distinct_pids():

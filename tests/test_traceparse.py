@@ -158,6 +158,31 @@ def test_bad_match_regex_is_usage_error():
         TraceParser("(")
 
 
+UNKNOWN = (b"<...>-41 [001] ..s21 5.000000: bpf_trace_printk: fentry/gtp5g_encap_recv: PID=41, TGID=40, CPU=1\n"
+           b"<...>-42 [001] ..s21 5.500000: bpf_trace_printk: fentry/gtp5g_encap_recv: PID=42, TGID=40, CPU=1\n"
+           b"<...>-43 [001] ..s21 6.000000: bpf_trace_printk: stop: x\n"
+           b"nr-gnb-41 [001] ..s21 7.000000: bpf_trace_printk: fexit/gtp5g_encap_recv: PID=41, TGID=40, CPU=1\n")
+
+
+@pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
+def test_unknown_comm_is_named_by_the_resolver(accel):
+    """`<...>` subjects take their comm from resolve_comm (live: /proc), then must match like any other."""
+    names = {41: "nr-gnb", 42: "bash"}  # 43 has exited: no name
+    parser = TraceParser(accelerate=accel, resolve_comm=names.get)
+    got = summary(parser, parser.feed(UNKNOWN[:150]) + parser.feed(UNKNOWN[150:]) + parser.finish())
+    assert got["subjects"] == {(41, "nr-gnb"): (40, 2, 5.0, 7.0, {"fentry/gtp5g_encap_recv",
+                                                                  "fexit/gtp5g_encap_recv"})}
+    assert got["stats"]["matched"] == 2 and got["stats"]["events"] == 4
+
+
+@pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
+def test_unknown_comm_without_resolver_is_no_target(accel):
+    """Replay and --no-validate have nothing to ask: `<...>` stays unknown and is never a target."""
+    res = run(UNKNOWN, accel)
+    assert list(res["subjects"]) == [(41, "nr-gnb")] and res["stats"]["matched"] == 1
+    assert sorted(run(UNKNOWN, accel, match=r"<\.\.\.>")["subjects"]) == [(41, "<...>"), (42, "<...>"), (43, "<...>")]
+
+
 # --- robustness --------------------------------------------------------------------------------
 @pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
 def test_one_megabyte_line_nul_crlf_and_partial_tail(accel):
@@ -266,6 +291,21 @@ def test_accelerator_equals_python(lines_, data, eol, trailing):
     body = b"\n".join(mutate(x, data) + eol.encode() for x in lines_) + (b"\n" if trailing else b"")
     splits = data.draw(st.lists(st.integers(0, len(body)), max_size=4))
     assert run(body, True, splits=splits) == run(body, False)
+
+
+@pytest.mark.skipif(not HAVE_ACCEL, reason="the C accelerator is not built (no C compiler at install)")
+@given(st.lists(lines, max_size=30), st.data())
+@settings(max_examples=200, suppress_health_check=[HealthCheck.too_slow])
+def test_accelerator_equals_python_when_naming_unknown_comms(lines_, data):
+    body = b"\n".join(re.sub(rb"^[a-z-]+?-(\d+) ", rb"<...>-\1 ", x) if data.draw(st.booleans()) else x
+                      for x in lines_) + b"\n"
+    names = lambda pid: ("nr-gnb", "nr-ue", "bash", None)[pid % 4]  # noqa: E731
+
+    def go(accel: bool) -> dict:
+        parser = TraceParser(accelerate=accel, resolve_comm=names)
+        return summary(parser, parser.feed(body) + parser.finish())
+
+    assert go(True) == go(False)
 
 
 @pytest.mark.skipif(not HAVE_ACCEL, reason="the C accelerator is not built (no C compiler at install)")

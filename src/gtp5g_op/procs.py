@@ -68,6 +68,12 @@ def read_stat(pid: int) -> _Stat | None:
     return _Stat(comm, fields[0].decode(), int(fields[6]), int(fields[19]))
 
 
+def current_comm(pid: int) -> str | None:
+    """The comm ``pid`` (a process or a thread) has now; None if it does not exist."""
+    st = read_stat(pid)
+    return st.comm if st is not None else None
+
+
 def _read_tgid(pid: int) -> int:
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:

@@ -12,7 +12,9 @@ The rules (docs/trace-format.md, from the project's trace-format reference):
   Pid 0 and pids above PID_MAX_LIMIT are never subjects.
 
 :class:`TraceParser` feeds arbitrary byte chunks (partial lines are kept until their newline) and
-returns per-subject summaries for subjects whose comm fully matches the target regex. It uses the C
+returns per-subject summaries for subjects whose comm fully matches the target regex. A subject whose
+comm the kernel did not know (``<...>``) is named by ``resolve_comm(pid)`` when one is given (live
+watching: the comm in /proc), then matched. It uses the C
 accelerator ``gtp5g_op._fastscan`` when it was built, and :func:`parse_line` otherwise; both follow the
 same rules and are tested against each other.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
@@ -30,6 +33,7 @@ PID_MAX_LIMIT = 4194304  # the kernel's ceiling for pid_max on 64-bit
 MAX_COMM = 64  # longest task-column comm accepted (the kernel prints at most 15 bytes)
 MAX_LINE = 1 << 18  # longer lines cannot be bpf_printk output: dropped and counted as malformed
 _COMM_CACHE_MAX = 1 << 16
+UNKNOWN_COMM = "<...>"  # task column of a thread whose comm the kernel had not cached
 
 _NOT_WORD = rb"(?<![A-Za-z0-9_])"
 _SPLIT = (
@@ -208,7 +212,8 @@ def _load_accelerator():
 class TraceParser:
     """Incremental parser: ``feed(bytes)`` → target subjects seen in the complete lines so far."""
 
-    def __init__(self, match: str = DEFAULT_MATCH, accelerate: bool = True):
+    def __init__(self, match: str = DEFAULT_MATCH, accelerate: bool = True,
+                 resolve_comm: Callable[[int], str | None] | None = None):
         try:
             self.target = re.compile(match)
         except re.error as exc:
@@ -219,6 +224,7 @@ class TraceParser:
         self._tail = b""
         self._skipping = False  # inside an over-long line, dropping bytes until its newline
         self._comm_cache: dict[bytes, bool] = {}
+        self._resolve = resolve_comm
         self._accel = _load_accelerator() if accelerate else None
 
     @property
@@ -230,14 +236,32 @@ class TraceParser:
         """Whether a comm is a target (full match of the target regex)."""
         return self.target.fullmatch(comm) is not None
 
+    def _candidate(self, comm: str) -> bool:
+        """A target, or an unknown comm that :meth:`_name_unknown` will look up."""
+        return self.matches(comm) or (self._resolve is not None and comm == UNKNOWN_COMM)
+
     def _matches_raw(self, comm: bytes) -> bool:
         cache = self._comm_cache
         hit = cache.get(comm)
         if hit is None:
             if len(cache) >= _COMM_CACHE_MAX:
                 cache.clear()
-            hit = cache[comm] = self.matches(_text(comm))
+            hit = cache[comm] = self._candidate(_text(comm))
         return hit
+
+    def _name_unknown(self, updates: list[SubjectUpdate]) -> list[SubjectUpdate]:
+        """Give ``<...>`` subjects their comm from ``resolve_comm``; drop those that are no target."""
+        if self._resolve is None or not any(u.comm == UNKNOWN_COMM for u in updates):
+            return updates
+        named: dict[tuple[int, str], SubjectUpdate] = {}
+        for upd in updates:
+            if upd.comm == UNKNOWN_COMM:
+                upd.comm = self._resolve(upd.pid) or UNKNOWN_COMM
+                if not self.matches(upd.comm):
+                    self.stats.matched -= upd.count
+                    continue
+            _merge(named, [upd])
+        return list(named.values())
 
     def feed(self, data: bytes) -> list[SubjectUpdate]:
         """Parse the complete lines in ``tail + data``; keep the rest for the next call."""
@@ -256,7 +280,7 @@ class TraceParser:
         self._tail = b""
         updates = self._scan(head)
         self._hold(data[end + 1 :])
-        return updates
+        return self._name_unknown(updates)
 
     def finish(self) -> list[SubjectUpdate]:
         """Parse a last line that never got its newline."""
@@ -264,7 +288,7 @@ class TraceParser:
         skipping, self._skipping = self._skipping, False
         if skipping or not tail:
             return []
-        return self._scan(tail + b"\n")
+        return self._name_unknown(self._scan(tail + b"\n"))
 
     def _hold(self, rest: bytes) -> None:
         """Keep a partial line; an over-long one is dropped and counted as malformed."""
@@ -324,7 +348,7 @@ class TraceParser:
                     st.malformed += 1
                 continue
             st.events += 1
-            if ev.subject_pid is None or not self.matches(ev.subject_comm):
+            if ev.subject_pid is None or not self._candidate(ev.subject_comm):
                 continue
             st.matched += 1
             key = (ev.subject_pid, ev.subject_comm)

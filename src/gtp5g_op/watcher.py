@@ -198,12 +198,13 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 
 def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) -> Pipeline:
     """The pipeline for these options."""
-    validator = None
+    validator, resolve_comm = None, None
     if opts.validate:
-        from gtp5g_op.procs import ProcessValidator
+        from gtp5g_op.procs import ProcessValidator, current_comm
 
-        validator = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads)
-    parser = TraceParser(opts.match, accelerate=opts.accelerate)
+        # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
+        validator, resolve_comm = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads), current_comm
+    parser = TraceParser(opts.match, accelerate=opts.accelerate, resolve_comm=resolve_comm)
     return Pipeline(parser, validator=validator, pusher=pusher, metrics=metrics, threads=opts.threads)
 
 
