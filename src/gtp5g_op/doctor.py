@@ -19,17 +19,16 @@ import platform
 import shutil
 import struct
 import subprocess
-from dataclasses import dataclass
 from pathlib import Path
 
 import requests
 
 from gtp5g_op import modbuild, verify
 from gtp5g_op.errors import OpError
+from gtp5g_op.model import FAIL, OK, UNKNOWN, WARN, Check
 
 log = logging.getLogger(__name__)
 
-OK, FAIL, WARN, UNKNOWN = "ok", "fail", "warn", "unknown"
 SYS_BTF = Path("/sys/kernel/btf")
 _NR_BPF = {"x86_64": 321, "aarch64": 280}
 BPF_MAP_CREATE, BPF_PROG_LOAD, BPF_RAW_TRACEPOINT_OPEN = 0, 5, 17
@@ -37,19 +36,6 @@ BPF_MAP_TYPE_ARRAY = 2
 BPF_PROG_TYPE_TRACING, BPF_TRACE_FENTRY = 26, 24
 # Kernel functions an fentry probe may attach to, first found wins (bpf_fentry_test1 exists for this).
 FENTRY_TARGETS = ("bpf_fentry_test1", "do_nanosleep", "ksys_read")
-
-
-@dataclass
-class Check:
-    name: str
-    status: str  # ok | fail | warn | unknown
-    detail: str
-    fix: str = ""
-    required: bool = True
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "status": self.status, "detail": self.detail, "fix": self.fix,
-                "required": self.required}
 
 
 # ---------------------------------------------------------------- bpf() through ctypes

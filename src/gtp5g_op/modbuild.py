@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.model import Check
 from gtp5g_op.patcher import STATE_DIR, is_gtp5g_tree
 
 log = logging.getLogger(__name__)
@@ -78,19 +79,6 @@ def is_running_kernel_kdir(kdir: Path) -> bool:
         return False
 
 
-@dataclass
-class Check:
-    name: str
-    ok: bool
-    detail: str
-    fix: str = ""
-    required: bool = True
-
-    def as_dict(self) -> dict:
-        return {"name": self.name, "ok": self.ok, "detail": self.detail, "fix": self.fix,
-                "required": self.required}
-
-
 def compiler_for(kdir: Path) -> str:
     """The compiler kbuild will call for KDIR: from CONFIG_CC_VERSION_TEXT, else gcc."""
     text = _kconfig(kdir).get("CONFIG_CC_VERSION_TEXT", "")
@@ -102,23 +90,23 @@ def preflight(kdir: Path) -> list[Check]:
     """What kbuild needs for KDIR: compiler, kbuild files, pahole and vmlinux for module BTF."""
     checks = []
     cc = compiler_for(kdir)
-    checks.append(Check("compiler", shutil.which(cc) is not None, cc,
+    checks.append(Check.passed_if("compiler", shutil.which(cc) is not None, cc,
                         fix=f"apt-get install {cc if cc.startswith('gcc') else 'clang'}"))
     kbuild_ok = (kdir / "Makefile").is_file() and (kdir / "scripts").exists()
-    checks.append(Check("kbuild", kbuild_ok, str(kdir),
+    checks.append(Check.passed_if("kbuild", kbuild_ok, str(kdir),
                         fix="apt-get install linux-headers-$(uname -r) (or pass --kdir)"))
-    checks.append(Check("make", shutil.which("make") is not None, "make", fix="apt-get install make"))
+    checks.append(Check.passed_if("make", shutil.which("make") is not None, "make", fix="apt-get install make"))
     config = _kconfig(kdir)
     wants_btf = config.get("CONFIG_DEBUG_INFO_BTF_MODULES") == "y"
     pahole = shutil.which("pahole")
-    checks.append(Check(
+    checks.append(Check.passed_if(
         "pahole", pahole is not None or not wants_btf,
         pahole or ("not needed: KDIR has no CONFIG_DEBUG_INFO_BTF_MODULES" if not wants_btf else "missing"),
         fix="apt-get install dwarves (without it gtp5g.ko has no BTF and fentry cannot attach)",
         required=False,
     ))
     vmlinux = kdir / "vmlinux"
-    checks.append(Check(
+    checks.append(Check.passed_if(
         "vmlinux", vmlinux.is_file() or not wants_btf,
         str(vmlinux) if vmlinux.is_file() else "missing: module BTF will be skipped",
         fix=f"cp {SYS_VMLINUX} {kdir}/ (answer yes to the build's offer)", required=False,

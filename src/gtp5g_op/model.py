@@ -43,3 +43,30 @@ class ProcessRecord:
             "last_seen": self.last_seen,
             "hooks": sorted(self.hooks),
         }
+
+
+OK, FAIL, WARN, UNKNOWN = "ok", "fail", "warn", "unknown"
+
+
+@dataclass(frozen=True, slots=True)
+class Check:
+    """One readiness check (doctor, build preflight): what was found and, when not ok, the fix."""
+
+    name: str
+    status: str  # OK | FAIL | WARN | UNKNOWN
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+    @classmethod
+    def passed_if(cls, name: str, passed: bool, detail: str, fix: str = "", required: bool = True) -> Check:
+        """OK when ``passed``, else FAIL."""
+        return cls(name, OK if passed else FAIL, detail, fix, required)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+    def as_dict(self) -> dict:
+        return {"name": self.name, "status": self.status, "ok": self.ok, "detail": self.detail,
+                "fix": self.fix, "required": self.required}
