@@ -7,10 +7,29 @@ Sub-commands are imported only when invoked (click's documented lazy-group patte
 from __future__ import annotations
 
 import importlib
+import inspect
 
 import click
 
 from gtp5g_op import __version__
+
+
+_EXAMPLES = "\b\nExamples:"
+
+
+def examples_last(cmd: click.Command) -> click.Command:
+    """Move the "Examples:" block of a command's help (and its sub-commands') after the options.
+
+    Help then ends with worked examples, as bcc's tools do; the docstrings keep them next to the code.
+    """
+    text = inspect.cleandoc(cmd.help or "")
+    head, marker, examples = text.partition(_EXAMPLES)
+    if marker and not cmd.epilog:
+        cmd.help, cmd.epilog = head.rstrip(), marker + examples
+    if isinstance(cmd, click.Group) and not isinstance(cmd, LazyGroup):
+        for sub in cmd.commands.values():
+            examples_last(sub)
+    return cmd
 
 
 class LazyGroup(click.Group):
@@ -26,7 +45,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name in self.lazy:
             module_name, attr = self.lazy[cmd_name].rsplit(":", 1)
-            return getattr(importlib.import_module(module_name), attr)
+            return examples_last(getattr(importlib.import_module(module_name), attr))
         return super().get_command(ctx, cmd_name)
 
 
@@ -62,6 +81,9 @@ def main(ctx: click.Context, verbose: int) -> None:
     ctx.obj["verbose"] = verbose
 
 
+examples_last(main)
+
+
 @click.group(
     cls=LazyGroup,
     lazy={
@@ -77,3 +99,6 @@ def build() -> None:
       gtp5g-op build tracer
       gtp5g-op build module --src ~/gtp5g --install
     """
+
+
+examples_last(build)
