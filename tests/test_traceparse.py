@@ -175,6 +175,30 @@ def test_unknown_comm_is_named_by_the_resolver(accel):
     assert got["stats"]["matched"] == 2 and got["stats"]["events"] == 4
 
 
+def test_unknown_comm_is_asked_once_per_ttl(monkeypatch):
+    """/proc is asked once per pid per NAME_TTL, however many chunks name it; a later rename is seen."""
+    import gtp5g_op.traceparse as tp
+
+    clock = [100.0]
+    monkeypatch.setattr(tp.time, "monotonic", lambda: clock[0])
+    asked: list[int] = []
+    names = {41: "nr-gnb"}
+
+    def resolve(pid: int) -> str | None:
+        asked.append(pid)
+        return names.get(pid)
+
+    parser = TraceParser(resolve_comm=resolve)
+    first = UNKNOWN.split(b"\n")[0] + b"\n"
+    for _ in range(5):
+        assert [(u.pid, u.comm) for u in parser.feed(first)] == [(41, "nr-gnb")]
+    assert asked == [41]
+    names[41] = "nr-ue"
+    clock[0] += tp.NAME_TTL + 0.01
+    assert [(u.pid, u.comm) for u in parser.feed(first)] == [(41, "nr-ue")]
+    assert asked == [41, 41]
+
+
 @pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
 def test_unknown_comm_without_resolver_is_no_target(accel):
     """Replay and --no-validate have nothing to ask: `<...>` stays unknown and is never a target."""

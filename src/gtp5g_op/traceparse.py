@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -34,6 +35,7 @@ MAX_COMM = 64  # longest task-column comm accepted (the kernel prints at most 15
 MAX_LINE = 1 << 18  # longer lines cannot be bpf_printk output: dropped and counted as malformed
 _COMM_CACHE_MAX = 1 << 16
 UNKNOWN_COMM = "<...>"  # task column of a thread whose comm the kernel had not cached
+NAME_TTL = 1.0  # seconds a name from resolve_comm is reused (the live checks still compare with /proc)
 
 _NOT_WORD = rb"(?<![A-Za-z0-9_])"
 _SPLIT = (
@@ -225,6 +227,7 @@ class TraceParser:
         self._skipping = False  # inside an over-long line, dropping bytes until its newline
         self._comm_cache: dict[bytes, bool] = {}
         self._resolve = resolve_comm
+        self._names: dict[int, tuple[float, str | None]] = {}  # pid -> (when asked, comm or None)
         self._accel = _load_accelerator() if accelerate else None
 
     @property
@@ -254,14 +257,24 @@ class TraceParser:
         if self._resolve is None or not any(u.comm == UNKNOWN_COMM for u in updates):
             return updates
         named: dict[tuple[int, str], SubjectUpdate] = {}
+        now = time.monotonic()
         for upd in updates:
             if upd.comm == UNKNOWN_COMM:
-                upd.comm = self._resolve(upd.pid) or UNKNOWN_COMM
+                upd.comm = self._name_of(upd.pid, now) or UNKNOWN_COMM
                 if not self.matches(upd.comm):
                     self.stats.matched -= upd.count
                     continue
             _merge(named, [upd])
         return list(named.values())
+
+    def _name_of(self, pid: int, now: float) -> str | None:
+        """``resolve_comm(pid)``, asked at most once per NAME_TTL per pid."""
+        asked = self._names.get(pid)
+        if asked is None or now - asked[0] > NAME_TTL:
+            if len(self._names) >= _COMM_CACHE_MAX:
+                self._names.clear()
+            asked = self._names[pid] = (now, self._resolve(pid))  # type: ignore[misc]
+        return asked[1]
 
     def feed(self, data: bytes) -> list[SubjectUpdate]:
         """Parse the complete lines in ``tail + data``; keep the rest for the next call."""
