@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -17,7 +20,7 @@ from conftest import require_root
 
 from gtp5g_op import workload
 from gtp5g_op.model import Target
-from gtp5g_op.procs import CLK_TCK, ProcessValidator, read_stat
+from gtp5g_op.procs import CLK_TCK, ProcessValidator, in_host_pid_namespace, read_stat
 
 
 @pytest.fixture(scope="module")
@@ -245,3 +248,30 @@ def test_set_thread_name_names_only_the_calling_thread():
     finally:
         done.set()
         t.join()
+
+
+# --- PID namespaces ---------------------------------------------------------------------------------
+
+def in_own_pid_namespace(*args: str) -> subprocess.CompletedProcess:
+    """``python -m gtp5g_op ARGS`` as pid 1 of a new PID namespace with its own /proc, like a container."""
+    require_root("unshare --pid needs CAP_SYS_ADMIN")
+    if not shutil.which("unshare"):
+        pytest.skip("unshare (util-linux) is not installed")
+    return subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-m", "gtp5g_op", *args],
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_this_host_is_the_host_pid_namespace():
+    assert in_host_pid_namespace() == (os.readlink("/proc/self/ns/pid") == f"pid:[{0xEFFFFFFC}]")
+
+
+def test_live_validation_in_a_container_pid_namespace_is_refused_in_one_line(tmp_path):
+    """Trace pids are the host's; below it /proc shows other pids, so validating would reject them all."""
+    res = in_own_pid_namespace("watch", "--trace-pipe", "/dev/null", "--duration", "1")
+    assert res.returncode == 3 and res.stdout == ""
+    assert res.stderr.count("\n") == 1 and "own PID namespace" in res.stderr and "hostPID: true" in res.stderr
+    res = in_own_pid_namespace("watch", "--trace-pipe", "/dev/null", "--duration", "1", "--no-validate", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["stats"]["lines"] == 0
+    res = in_own_pid_namespace("doctor", "--json", "--api-url", "http://127.0.0.1:9")
+    pidns = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "PID namespace"]
+    assert pidns[0]["status"] == "fail" and "--pid=host" in pidns[0]["fix"]

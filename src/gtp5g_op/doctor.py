@@ -166,6 +166,14 @@ def check_tracefs() -> Check:
     return Check("tracefs", OK, f"mounted at {path}")
 
 
+def check_pid_namespace() -> Check:
+    from gtp5g_op.procs import HOST_PID_FIX, in_host_pid_namespace
+
+    if not in_host_pid_namespace():
+        return Check("PID namespace", FAIL, "not the host's: trace pids are not this /proc's", HOST_PID_FIX)
+    return Check("PID namespace", OK, "the host's: trace pids are this /proc's")
+
+
 def check_module(module: str = "gtp5g", proc: Path = Path("/proc"),
                  sys_root: Path = Path("/sys")) -> list[Check]:
     """gtp5g loaded, its exports (kallsyms), its BTF (/sys/kernel/btf/gtp5g)."""
@@ -255,7 +263,7 @@ def check_api(api_url: str, timeout: float = 2.0) -> Check:
 
 def run_checks(api_url: str) -> list[Check]:
     """Every check, in the order people read them."""
-    checks = [check_tracefs(), check_bpf(), check_kernel_btf(), check_fentry()]
+    checks = [check_tracefs(), check_pid_namespace(), check_bpf(), check_kernel_btf(), check_fentry()]
     checks += check_module()
     checks += check_devices()
     checks += check_tools()

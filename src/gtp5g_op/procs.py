@@ -17,10 +17,12 @@ import logging
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import NamedTuple
 
 import psutil
 
+from .errors import EnvironmentProblem
 from .model import Target
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,33 @@ def read_stat(pid: int) -> _Stat | None:
     comm = head.partition(b"(")[2].decode("utf-8", "surrogateescape")
     fields = tail.split()  # fields[0] is field 3 (state) of proc(5)
     return _Stat(comm, fields[0].decode(), int(fields[6]), int(fields[19]))
+
+
+HOST_PID_FIX = ("run gtp5g-op in the host's PID namespace (docker run --pid=host; Kubernetes hostPID: true), "
+                "or watch with --no-validate")
+
+
+# PROC_PID_INIT_INO (include/linux/proc_ns.h): the inode of the host's (initial) PID namespace.
+INIT_PID_NS_INO = 0xEFFFFFFC
+
+
+def in_host_pid_namespace(ns: Path = Path("/proc/self/ns/pid")) -> bool:
+    """True in the host's PID namespace, where trace pids (always the host's) are /proc's pids.
+
+    NSpid in /proc/self/status cannot tell: a container mounts its own /proc, which shows one level.
+    """
+    try:
+        return os.stat(ns).st_ino == INIT_PID_NS_INO
+    except OSError:  # no /proc/self/ns: a kernel without namespaces, nothing to refuse
+        return True
+
+
+def require_host_pid_namespace() -> None:
+    """Refuse live validation where /proc cannot see the pids the kernel traces."""
+    if not in_host_pid_namespace():
+        raise EnvironmentProblem(
+            "this process runs in its own PID namespace, so the host pids in the trace cannot be "
+            "checked against /proc", HOST_PID_FIX)
 
 
 def current_comm(pid: int) -> str | None:

@@ -212,6 +212,10 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
     """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
     if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
+    if opts.replay is None and opts.validate:
+        from gtp5g_op.procs import require_host_pid_namespace
+
+        require_host_pid_namespace()
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         metrics = None
