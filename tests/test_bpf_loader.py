@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_root
+from conftest import host_pids, require_root
 from gtp5g_op import bpf_loader
 from gtp5g_op.bpf_loader import GTP5G_BTF, BpfObject, explain, open_tracer, pick_detail
 from gtp5g_op.errors import OpError
@@ -86,6 +86,7 @@ def _lines_for(pipe: Path, tid: int, seconds: float) -> list:
     return found
 
 
+@host_pids
 def test_selftest_probe_attaches_prints_and_detaches(objs):
     with TraceInstance("gtp5g-op-test-loader") as trace:
         with BpfObject(objs["selftest"]) as probe:

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root, wait_for
+from conftest import host_pids, require_root, wait_for
 
 from gtp5g_op import workload
 
@@ -65,6 +65,7 @@ def finish(proc: subprocess.Popen) -> dict:
     return json.loads(out)
 
 
+@host_pids
 def test_live_watch_pushes_process_and_threads_then_drops_them(selftest_probe, gthulhu_server, tmp_path):
     instance = "gtp5g-op-e2e"
     watch = start_watch(gthulhu_server, tmp_path, instance)
@@ -88,6 +89,7 @@ def test_live_watch_pushes_process_and_threads_then_drops_them(selftest_probe, g
     print(f"pushed {latency:.3f} s after the workload started; workload ran {gone_after:.1f} s")
 
 
+@host_pids
 def test_exe_allow_rejects_a_renamed_interpreter(selftest_probe, gthulhu_server, tmp_path):
     instance = "gtp5g-op-e2e-exe"
     watch = start_watch(gthulhu_server, tmp_path, instance, "--exe-allow", "*/nr-gnb")
@@ -101,6 +103,7 @@ def test_exe_allow_rejects_a_renamed_interpreter(selftest_probe, gthulhu_server,
     assert not (expected & gthulhu_server.pids())
 
 
+@host_pids
 def test_exe_allow_accepts_the_real_executable(selftest_probe, gthulhu_server, tmp_path):
     real = os.path.realpath(sys.executable)
     watch = start_watch(gthulhu_server, tmp_path, "gtp5g-op-e2e-ok", "--exe-allow", real)

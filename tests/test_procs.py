@@ -16,7 +16,7 @@ from pathlib import Path
 import psutil
 import pytest
 from click.testing import CliRunner
-from conftest import require_root
+from conftest import host_pids, require_root
 
 from gtp5g_op import workload
 from gtp5g_op.model import Target
@@ -56,6 +56,7 @@ def test_comm_mismatch_is_rejected(gnb):
     assert not ProcessValidator().check(gnb.pid, "nr-gnb-worker").ok  # whole names only
 
 
+@host_pids
 def test_kernel_threads_are_rejected():
     validator = ProcessValidator()
     assert validator.check(2, "kthreadd").code == "kthread"
@@ -272,6 +273,8 @@ def test_live_validation_in_a_container_pid_namespace_is_refused_in_one_line(tmp
     assert res.stderr.count("\n") == 1 and "own PID namespace" in res.stderr and "hostPID: true" in res.stderr
     res = in_own_pid_namespace("watch", "--trace-pipe", "/dev/null", "--duration", "1", "--no-validate", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["stats"]["lines"] == 0
+    res = in_own_pid_namespace("tracer", "selftest")
+    assert res.returncode == 3 and res.stderr.count("\n") == 1 and "own PID namespace" in res.stderr
     res = in_own_pid_namespace("doctor", "--json", "--api-url", "http://127.0.0.1:9")
     pidns = [c for c in json.loads(res.stdout)["checks"] if c["name"] == "PID namespace"]
     assert pidns[0]["status"] == "fail" and "--pid=host" in pidns[0]["fix"]

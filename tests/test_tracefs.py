@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import require_root
+from conftest import host_pids, require_root
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 from gtp5g_op.tracefs import (
@@ -275,6 +275,7 @@ def test_overruns_counts_lines_lost_in_a_small_buffer(root, name):
         assert 2000 < lost < 3000
 
 
+@host_pids
 def test_syscall_events_of_a_named_workload_arrive_through_the_instance(root, name):
     """Real lines for a real process: the workload's getppid calls, via the syscall tracepoint."""
     from gtp5g_op import workload

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from conftest import require_root
+from conftest import host_pids, require_root
 from gtp5g_op.bpf_loader import GTP5G_BTF
 from gtp5g_op.cli import main
 from gtp5g_op.tracer_build import KERNEL_BTF
@@ -36,6 +36,7 @@ def test_help_has_examples():
         assert result.exit_code == 0 and "Examples:" in result.output, args
 
 
+@host_pids
 def test_selftest_passes(build_dir):
     require_root("the selftest loads BPF and uses tracefs")
     result = CliRunner().invoke(main, ["tracer", "selftest", "--build-dir", str(build_dir), "--json"])
@@ -46,6 +47,7 @@ def test_selftest_passes(build_dir):
     assert any("selftest/sys_enter_getppid: PID=" in line for line in doc["lines"])
 
 
+@host_pids
 def test_selftest_table(build_dir):
     require_root("the selftest loads BPF and uses tracefs")
     result = CliRunner().invoke(main, ["tracer", "selftest", "--build-dir", str(build_dir)])
