@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -34,6 +35,24 @@ def wait_for(predicate, timeout: float, step: float = 0.02) -> float | None:
             return time.monotonic() - t0
         time.sleep(step)
     return None
+
+
+def open_fifo_writer(fifo: Path, reader, timeout: float = 10.0):
+    """Open ``fifo`` for writing once ``reader`` (a Popen) has it open; fail, not hang, if it exited."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a reader has it open
+        except OSError as exc:
+            if exc.errno != errno.ENXIO:
+                raise
+            _, err = reader.communicate() if reader.poll() is not None else (None, None)
+            if err is not None or time.monotonic() > deadline:
+                pytest.fail(f"the reader of {fifo} never opened it: {err!r}")
+            time.sleep(0.02)
+            continue
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "wb", buffering=0)
 
 
 @pytest.fixture

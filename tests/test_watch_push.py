@@ -9,11 +9,12 @@ import subprocess
 import sys
 import time
 
-from conftest import wait_for
+from conftest import host_pids, open_fifo_writer, wait_for
 
 from gtp5g_op import workload
 
 
+@host_pids
 def test_watch_survives_token_expiry_and_server_restart(gthulhu_start, tmp_path):
     server = gthulhu_start("--token-lifetime", "2")
     fifo = tmp_path / "trace.fifo"
@@ -23,7 +24,7 @@ def test_watch_survives_token_expiry_and_server_restart(gthulhu_start, tmp_path)
     watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              env={**os.environ, "GTP5G_OP_STATE_DIR": str(tmp_path / "state")})
     try:
-        with workload.start("nr-ue", threads=2, rate=1) as wl, open(fifo, "wb", buffering=0) as pipe:
+        with workload.start("nr-ue", threads=2, rate=1) as wl, open_fifo_writer(fifo, watch) as pipe:
             expected = {wl.pid, *wl.ready.tids}
             pipe.write(f"nr-ue-{wl.pid} [001] ..s21 5.000000: bpf_trace_printk: stop: pid={wl.pid} (nr-ue)\n".encode())
             assert wait_for(lambda: expected <= server.pids(), 5) is not None, server.pids()
