@@ -31,7 +31,7 @@ import kubernetes_validate
 import pytest
 import requests
 import yaml
-from conftest import ROOT, require_root
+from conftest import ROOT, host_pids, require_root
 from dockerfile_parse import DockerfileParser
 
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
@@ -378,6 +378,7 @@ def test_docker_build_and_version():
     assert out.returncode == 0 and "gtp5g-op" in out.stdout
 
 
+@host_pids  # as the DaemonSet's hostPID: true
 def test_image_command_runs_as_the_daemonset_configures_it(dockerfile, rendered, tmp_path):
     """Run the image's ENTRYPOINT + CMD here, configured like the DaemonSet, against the test server.
 

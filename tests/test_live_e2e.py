@@ -114,6 +114,7 @@ def test_exe_allow_accepts_the_real_executable(selftest_probe, gthulhu_server, t
         finish(watch)
 
 
+@host_pids
 def test_with_tracer_says_why_nothing_attached_here(tmp_path):
     """This VM has no gtp5g (no modules) and refuses fentry: one line, exit 3, and no instance left behind."""
     require_root("loading BPF programs and reading tracefs")
