@@ -24,7 +24,7 @@ def require_root(reason: str = "needs root") -> None:
 # Trace lines carry the host's pids; in a container's own PID namespace they are not /proc's pids.
 host_pids = pytest.mark.skipif(
     os.readlink("/proc/self/ns/pid") != f"pid:[{0xEFFFFFFC}]",
-    reason="compares pids in trace lines with /proc: needs the host's PID namespace (docker --pid=host)")
+    reason="needs the host's PID namespace (docker --pid=host): trace pids and kernel threads are the host's")
 
 
 def wait_for(predicate, timeout: float, step: float = 0.02) -> float | None:
