@@ -91,10 +91,10 @@ def preflight(kdir: Path) -> list[Check]:
     checks = []
     cc = compiler_for(kdir)
     checks.append(Check.passed_if("compiler", shutil.which(cc) is not None, cc,
-                        fix=f"apt-get install {cc if cc.startswith('gcc') else 'clang'}"))
+                                  fix=f"apt-get install {cc if cc.startswith('gcc') else 'clang'}"))
     kbuild_ok = (kdir / "Makefile").is_file() and (kdir / "scripts").exists()
     checks.append(Check.passed_if("kbuild", kbuild_ok, str(kdir),
-                        fix="apt-get install linux-headers-$(uname -r) (or pass --kdir)"))
+                                  fix="apt-get install linux-headers-$(uname -r) (or pass --kdir)"))
     checks.append(Check.passed_if("make", shutil.which("make") is not None, "make", fix="apt-get install make"))
     config = _kconfig(kdir)
     wants_btf = config.get("CONFIG_DEBUG_INFO_BTF_MODULES") == "y"

@@ -70,9 +70,8 @@ def read_stat(pid: int) -> _Stat | None:
     return _Stat(comm, fields[0].decode(), int(fields[6]), int(fields[19]))
 
 
-HOST_PID_FIX = ("run gtp5g-op in the host's PID namespace (docker run --pid=host; Kubernetes hostPID: true), "
-                "or watch with --no-validate")
-
+HOST_PID_NS = "run gtp5g-op in the host's PID namespace (docker run --pid=host; Kubernetes hostPID: true)"
+HOST_PID_FIX = HOST_PID_NS + ", or watch with --no-validate"
 
 # PROC_PID_INIT_INO (include/linux/proc_ns.h): the inode of the host's (initial) PID namespace.
 INIT_PID_NS_INO = 0xEFFFFFFC
@@ -89,12 +88,12 @@ def in_host_pid_namespace(ns: Path = Path("/proc/self/ns/pid")) -> bool:
         return True
 
 
-def require_host_pid_namespace() -> None:
-    """Refuse live validation where /proc cannot see the pids the kernel traces."""
+def require_host_pid_namespace(fix: str = HOST_PID_FIX) -> None:
+    """Refuse work that compares traced pids with /proc where /proc cannot see them."""
     if not in_host_pid_namespace():
         raise EnvironmentProblem(
             "this process runs in its own PID namespace, so the host pids in the trace cannot be "
-            "checked against /proc", HOST_PID_FIX)
+            "checked against /proc", fix)
 
 
 def current_comm(pid: int) -> str | None:

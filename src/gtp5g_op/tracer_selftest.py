@@ -18,7 +18,7 @@ from pathlib import Path
 
 from gtp5g_op.bpf_loader import BpfObject
 from gtp5g_op.errors import OpError
-from gtp5g_op.procs import require_host_pid_namespace
+from gtp5g_op.procs import HOST_PID_NS, require_host_pid_namespace
 from gtp5g_op.tracefs import TraceInstance, tail
 from gtp5g_op.traceparse import Event, parse_line
 from gtp5g_op.tracer_build import ensure_built
@@ -113,7 +113,7 @@ def run_selftest(obj: str | os.PathLike | None = None, build_dir: str | os.PathL
     Failures become failed steps, not exceptions, except host problems raised as ``OpError``
     (e.g. no tracefs or not root) before anything was loaded.
     """
-    require_host_pid_namespace()  # the probe prints host pids; the trigger thread knows only its own pid
+    require_host_pid_namespace(HOST_PID_NS)  # the probe prints host pids; the trigger knows only its own
     result = SelftestResult()
     steps = iter(STEPS)
 
