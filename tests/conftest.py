@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import struct
 import time
 from pathlib import Path
 
@@ -53,6 +54,39 @@ def open_fifo_writer(fifo: Path, reader, timeout: float = 10.0):
             continue
         os.set_blocking(fd, True)
         return os.fdopen(fd, "wb", buffering=0)
+
+
+def btf_blob(funcs: list[tuple[str, int]], base_str_len: int = 0) -> bytes:
+    """A minimal BTF blob: one INT, one FUNC_PROTO, then FUNC records (name, linkage)."""
+    strings = b"\0int\0"
+    offsets = {}
+    for name, _ in funcs:
+        offsets[name] = len(strings)
+        strings += name.encode() + b"\0"
+    types = struct.pack("<III", base_str_len + 1, 1 << 24, 4) + struct.pack("<I", 32)  # INT
+    types += struct.pack("<III", 0, (13 << 24) | 1, 1) + struct.pack("<II", 0, 1)  # FUNC_PROTO(int)
+    for name, linkage in funcs:
+        types += struct.pack("<III", base_str_len + offsets[name], (12 << 24) | linkage, 2)
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
+def fake_loaded_gtp5g(root: Path, kallsyms: str, btf_globals: list[str], users: int = 0) -> tuple[Path, Path]:
+    """A /proc and a /sys with gtp5g loaded; a test double, since gtp5g cannot be loaded on this machine.
+
+    ``btf_globals`` become global FUNCs in /sys/kernel/btf/gtp5g, split against a one-function vmlinux.
+    """
+    proc, sys_root = root / "proc", root / "sys"
+    (sys_root / "module/gtp5g/holders").mkdir(parents=True)
+    (sys_root / "kernel/btf").mkdir(parents=True)
+    proc.mkdir()
+    (proc / "modules").write_text(f"gtp5g 151552 {users} - Live 0x0\n")
+    (proc / "kallsyms").write_text(kallsyms)
+    base = btf_blob([("schedule", 1)])
+    (sys_root / "kernel/btf/vmlinux").write_bytes(base)
+    base_str_len = struct.unpack_from("<I", base, 20)[0]  # header: str_len
+    (sys_root / "kernel/btf/gtp5g").write_bytes(btf_blob([(n, 1) for n in btf_globals], base_str_len))
+    return proc, sys_root
 
 
 @pytest.fixture

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import socket
-import struct
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from conftest import require_root
+from conftest import fake_loaded_gtp5g, require_root
 
 from gtp5g_op import doctor, patcher
 from gtp5g_op.cli import main
@@ -40,28 +39,11 @@ def test_module_checks_on_this_kernel():
     assert [c.status for c in checks[1:]] == [doctor.UNKNOWN, doctor.UNKNOWN]
 
 
-def _blob(funcs: list[str], base: int = 0) -> bytes:
-    strings, offs = b"\0", []
-    for name in funcs:
-        offs.append(len(strings))
-        strings += name.encode() + b"\0"
-    types = b"".join(struct.pack("<III", base + o, (12 << 24) | 1, 0) for o in offs)
-    return struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings)) + types + strings
-
-
 def test_module_checks_with_gtp5g_loaded(tmp_path):
     """A /proc and /sys with a patched gtp5g loaded: a test double, since gtp5g cannot be loaded here."""
-    proc, sys_root = tmp_path / "proc", tmp_path / "sys"
-    (sys_root / "module/gtp5g/holders").mkdir(parents=True)
-    (sys_root / "kernel/btf").mkdir(parents=True)
-    proc.mkdir()
-    (proc / "modules").write_text("gtp5g 151552 1 - Live 0x0\n")
     names = [s.name for s in patcher.load_export_set().functions]
-    (proc / "kallsyms").write_text("".join(
-        f"0 T {n}\t[gtp5g]\n0 r __ksymtab_{n}\t[gtp5g]\n" for n in names if n != "policePacket"))
-    base = _blob(["schedule"])
-    (sys_root / "kernel/btf/vmlinux").write_bytes(base)
-    (sys_root / "kernel/btf/gtp5g").write_bytes(_blob(names, base=struct.unpack_from("<I", base, 20)[0]))
+    kallsyms = "".join(f"0 T {n}\t[gtp5g]\n0 r __ksymtab_{n}\t[gtp5g]\n" for n in names if n != "policePacket")
+    proc, sys_root = fake_loaded_gtp5g(tmp_path, kallsyms, names, users=1)
     got = {c.name: c for c in doctor.check_module(proc=proc, sys_root=sys_root)}
     assert got["gtp5g module"].status == doctor.OK and "1 user" in got["gtp5g module"].detail
     assert got["gtp5g exports"].status == doctor.FAIL and "policePacket" in got["gtp5g exports"].detail

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import shutil
-import struct
 import subprocess
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import btf_blob, fake_loaded_gtp5g
 
 from gtp5g_op import verify
 from gtp5g_op.cli import main
@@ -17,21 +17,6 @@ from gtp5g_op.errors import EnvironmentProblem, UsageError
 from gtp5g_op.verify import BtfReader
 
 SYS_VMLINUX = Path("/sys/kernel/btf/vmlinux")
-
-
-def btf_blob(funcs: list[tuple[str, int]], base_str_len: int = 0) -> bytes:
-    """A minimal BTF blob: one INT, one FUNC_PROTO, then FUNC records (name, linkage)."""
-    strings = b"\0int\0"
-    offsets = {}
-    for name, _ in funcs:
-        offsets[name] = len(strings)
-        strings += name.encode() + b"\0"
-    types = struct.pack("<III", base_str_len + 1, 1 << 24, 4) + struct.pack("<I", 32)  # INT
-    types += struct.pack("<III", 0, (13 << 24) | 1, 1) + struct.pack("<II", 0, 1)  # FUNC_PROTO(int)
-    for name, linkage in funcs:
-        types += struct.pack("<III", base_str_len + offsets[name], (12 << 24) | linkage, 2)
-    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
-    return header + types + strings
 
 
 def test_reader_on_handmade_blobs():
@@ -85,23 +70,12 @@ def test_verify_loaded_on_this_kernel():
 
 def test_verify_loaded_reads_kallsyms_and_sysfs_btf(tmp_path):
     """A /proc and /sys with gtp5g loaded: a test double, since gtp5g cannot be loaded on this machine."""
-    proc, sys_root = tmp_path / "proc", tmp_path / "sys"
-    (sys_root / "module/gtp5g").mkdir(parents=True)
-    (sys_root / "kernel/btf").mkdir(parents=True)
-    proc.mkdir()
-    (proc / "modules").write_text("gtp5g 151552 0 - Live 0x0\n")
-    (proc / "kallsyms").write_text(
-        "ffffffffc0a01000 T gtp5g_encap_recv\t[gtp5g]\n"
-        "ffffffffc0a02000 r __ksymtab_gtp5g_encap_recv\t[gtp5g]\n"
-        "ffffffffc0a03000 T pdr_find_by_gtp1u\t[gtp5g]\n"
-        "ffffffffc0a04000 t policePacket\t[gtp5g]\n"
-        "ffffffff81000000 T schedule\n"
-    )
-    base = btf_blob([("schedule", 1)])
-    (sys_root / "kernel/btf/vmlinux").write_bytes(base)
-    base_len = verify.btf_header(base).str_len
-    (sys_root / "kernel/btf/gtp5g").write_bytes(
-        btf_blob([("gtp5g_encap_recv", 1), ("pdr_find_by_gtp1u", 1)], base_str_len=base_len))
+    kallsyms = ("ffffffffc0a01000 T gtp5g_encap_recv\t[gtp5g]\n"
+                "ffffffffc0a02000 r __ksymtab_gtp5g_encap_recv\t[gtp5g]\n"
+                "ffffffffc0a03000 T pdr_find_by_gtp1u\t[gtp5g]\n"
+                "ffffffffc0a04000 t policePacket\t[gtp5g]\n"
+                "ffffffff81000000 T schedule\n")
+    proc, sys_root = fake_loaded_gtp5g(tmp_path, kallsyms, ["gtp5g_encap_recv", "pdr_find_by_gtp1u"])
     report = verify.verify_loaded(["gtp5g_encap_recv", "pdr_find_by_gtp1u", "policePacket"],
                                   proc=proc, sys_root=sys_root)
     got = {f.name: (f.global_symbol, f.exported, f.btf, f.ok) for f in report.functions}
