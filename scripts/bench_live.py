@@ -80,8 +80,8 @@ def main() -> None:
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root (BPF and tracefs); fix: run with sudo")
-    from gtp5g_op.bpf_loader import BpfObject
-    from gtp5g_op.tracer_build import ensure_built
+    from gtp5g_op.kernel.bpf_loader import BpfObject
+    from gtp5g_op.kernel.tracer_build import ensure_built
 
     results = []
     with BpfObject(ensure_built()["selftest"]) as probe:

@@ -36,7 +36,7 @@ def start_server(workdir: Path) -> tuple[subprocess.Popen, str, Path]:
     """The test server on a free port; returns the process, its URL and the public key path."""
     pub = workdir / "gthulhu.pub"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "gtp5g_op.gthulhu_testserver", "--port", "0", "--public-key-out", str(pub)],
+        [sys.executable, "-m", "gtp5g_op.gthulhu.testserver", "--port", "0", "--public-key-out", str(pub)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
     )
     assert proc.stdout is not None

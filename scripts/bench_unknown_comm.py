@@ -3,7 +3,7 @@
 
 Two streams of the same length: (A) tracer lines whose task column names the thread (`nr-gnb-TID`), and
 (B) the same lines with the comm the kernel forgot (`<...>-TID`). The TIDs are live threads of a real
-process renamed nr-gnb (gtp5g_op.workload) plus pids that do not exist, so (B) takes both the
+process renamed nr-gnb (gtp5g_op.kernel.workload) plus pids that do not exist, so (B) takes both the
 "found" and the "gone" path. Both are parsed in-process with validation's resolver
 (procs.current_comm); best of N rounds, 64 KiB chunks like a trace_pipe read.
 
@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from gtp5g_op import workload
-from gtp5g_op.procs import current_comm
-from gtp5g_op.traceparse import TraceParser
+from gtp5g_op.kernel import workload
+from gtp5g_op.trace.parser import TraceParser
+from gtp5g_op.trace.validate import current_comm
 
 CHUNK = 64 * 1024
 LINE = "{task}-{tid} [001] ..s21 {ts:.6f}: bpf_trace_printk: fentry/gtp5g_encap_recv: PID={tid}, TGID={tgid}, CPU=1\n"

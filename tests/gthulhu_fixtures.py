@@ -34,7 +34,7 @@ import requests
 
 @dataclass
 class TestServer:
-    """A running ``python -m gtp5g_op.gthulhu_testserver`` process."""
+    """A running ``python -m gtp5g_op.gthulhu.testserver`` process."""
 
     __test__ = False  # not a pytest test class
 
@@ -63,7 +63,7 @@ class TestServer:
     def start(self, timeout: float = 15.0) -> TestServer:
         """Start on ``port`` (a free one the first time) with the key in ``workdir``; wait until it listens."""
         cmd = [
-            sys.executable, "-m", "gtp5g_op.gthulhu_testserver",
+            sys.executable, "-m", "gtp5g_op.gthulhu.testserver",
             "--port", str(self.port),
             "--private-key", str(self.private_key),
             "--public-key-out", str(self.public_key),

@@ -12,14 +12,14 @@ import threading
 from pathlib import Path
 
 import pytest
-
 from conftest import host_pids, require_root
-from gtp5g_op import bpf_loader
-from gtp5g_op.bpf_loader import GTP5G_BTF, BpfObject, explain, open_tracer, pick_detail
+
 from gtp5g_op.errors import OpError
-from gtp5g_op.tracefs import TraceInstance, tail
-from gtp5g_op.traceparse import parse_line
-from gtp5g_op.tracer_build import KERNEL_BTF, build_tracer, clang_target_flags
+from gtp5g_op.kernel import bpf_loader
+from gtp5g_op.kernel.bpf_loader import GTP5G_BTF, BpfObject, explain, open_tracer, pick_detail
+from gtp5g_op.kernel.tracer_build import KERNEL_BTF, build_tracer, clang_target_flags
+from gtp5g_op.trace.parser import parse_line
+from gtp5g_op.trace.tracefs import TraceInstance, tail
 
 # A test-owned object: one program the verifier rejects, one on a tracepoint that does not exist,
 # one that attaches, and an fentry on a vmlinux function (this VM refuses fentry with EPERM).
@@ -155,7 +155,7 @@ def test_only_the_named_programs(objs):
 
 
 def test_libbpf_log_goes_to_logging(objs, caplog):
-    caplog.set_level(logging.DEBUG, logger="gtp5g_op.bpf_loader")
+    caplog.set_level(logging.DEBUG, logger="gtp5g_op.kernel.bpf_loader")
     with BpfObject(objs["mixed"], programs=["no_tracepoint"]):
         pass
     assert any("libbpf:" in rec.getMessage() and "no_tracepoint" in rec.getMessage() for rec in caplog.records)

@@ -292,7 +292,7 @@ def test_dockerignore_rules():
     assert dockerignored("src/gtp5g_op/_fastscan.cpython-311-x86_64-linux-gnu.so")
     assert dockerignored("src/gtp5g_op/__pycache__/x.pyc") and dockerignored("tracer/build/gtp5g.bpf.o")
     assert dockerignored(".git/config") and dockerignored("tests/test_deploy.py")
-    assert not dockerignored("src/gtp5g_op/metrics.py") and not dockerignored("tracer/gtp5g.bpf.c")
+    assert not dockerignored("src/gtp5g_op/ops/metrics.py") and not dockerignored("tracer/gtp5g.bpf.c")
 
 
 def test_dockerfile_copies_exist_and_are_not_ignored(dockerfile):
@@ -352,7 +352,7 @@ def test_wheel_stage_without_docker(dockerfile, tmp_path):
     out = subprocess.run([str(venv / "bin" / "gtp5g-op"), "--version"], capture_output=True, text=True, timeout=60,
                          check=False)
     assert out.returncode == 0 and "gtp5g-op" in out.stdout, out.stderr
-    probe = ("import gtp5g_op, gtp5g_op.tracer_build as t; print(gtp5g_op.__file__); "
+    probe = ("import gtp5g_op, gtp5g_op.kernel.tracer_build as t; print(gtp5g_op.__file__); "
              "print(t.source_dir())")
     out = subprocess.run([str(venv / "bin" / "python"), "-c", probe], capture_output=True, text=True,
                          timeout=60, cwd=tmp_path, check=True)
@@ -392,13 +392,13 @@ def test_image_command_runs_as_the_daemonset_configures_it(dockerfile, rendered,
     except ImportError:
         pytest.skip("watch not yet available")
     try:
-        from gtp5g_op.gthulhu_testserver import (
+        from gtp5g_op.gthulhu.testserver import (
             ServerState,
             load_or_create_key,
             make_server,
         )
     except ImportError:
-        pytest.skip("the Gthulhu test server (gtp5g_op.gthulhu_testserver) is not available")
+        pytest.skip("the Gthulhu test server (gtp5g_op.gthulhu.testserver) is not available")
 
     state = ServerState(load_or_create_key(None))
     server = make_server("127.0.0.1", 0, state)

@@ -10,8 +10,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import fake_loaded_gtp5g, require_root
 
-from gtp5g_op import doctor, patcher
 from gtp5g_op.cli import main
+from gtp5g_op.kernel import patcher
+from gtp5g_op.ops import doctor
 
 
 @pytest.mark.root

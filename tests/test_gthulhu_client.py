@@ -10,8 +10,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from gtp5g_op.errors import EXIT_API, ApiError, UsageError
-from gtp5g_op.gthulhu import GthulhuClient
-
+from gtp5g_op.gthulhu.legacy import GthulhuClient
 
 ENTRY = {"priority": True, "execution_time": 20000000, "pid": 4321}
 

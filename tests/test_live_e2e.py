@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import host_pids, require_root, wait_for
 
-from gtp5g_op import workload
+from gtp5g_op.kernel import workload
 
 INSTANCE_ROOT = Path("/sys/kernel/tracing/instances")
 
@@ -31,8 +31,8 @@ def selftest_probe(tmp_path):
 
     if not shutil.which("clang") or not shutil.which("bpftool"):
         pytest.skip("clang and bpftool are needed to build the probe (apt-get install clang bpftool)")
-    from gtp5g_op.bpf_loader import BpfObject
-    from gtp5g_op.tracer_build import ensure_built
+    from gtp5g_op.kernel.bpf_loader import BpfObject
+    from gtp5g_op.kernel.tracer_build import ensure_built
 
     obj = ensure_built(tmp_path / "bpf")["selftest"]
     with BpfObject(obj) as bpf:

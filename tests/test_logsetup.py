@@ -9,7 +9,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from gtp5g_op.logsetup import JSON_KEYS, REDACTED, redact, setup_logging
+from gtp5g_op.ops.logs import JSON_KEYS, REDACTED, redact, setup_logging
 
 
 @pytest.fixture
@@ -79,7 +79,7 @@ def test_debug_only_with_verbose(capture):
 
 def test_tokens_are_redacted_in_messages_args_fields_and_tracebacks(capture, token):
     stream = capture("json")
-    log = logging.getLogger("gtp5g_op.gthulhu")
+    log = logging.getLogger("gtp5g_op.gthulhu.legacy")
     log.info("got token %s", token)
     log.info(f"sending Authorization: Bearer {token}")
     log.info("request", extra={"fields": {
@@ -108,7 +108,7 @@ def test_tokens_are_redacted_in_messages_args_fields_and_tracebacks(capture, tok
 
 def test_text_format_is_redacted_too(capture, token):
     stream = capture("text")
-    logging.getLogger("gtp5g_op.gthulhu").warning("token=%s", token)
+    logging.getLogger("gtp5g_op.gthulhu.legacy").warning("token=%s", token)
     assert stream.getvalue() == f"gtp5g-op: WARNING: token={REDACTED}\n"
 
 

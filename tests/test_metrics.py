@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
 
 from gtp5g_op.errors import EnvironmentProblem
-from gtp5g_op.metrics import PUSH_AGE_FACTOR, Metrics, push_max_age
+from gtp5g_op.ops.metrics import PUSH_AGE_FACTOR, Metrics, push_max_age
 
 
 def scrape(port: int) -> dict[str, float]:

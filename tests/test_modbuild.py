@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gtp5g_op import modbuild, patcher, verify
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.kernel import modbuild, patcher, verify
 
 MINI = Path(__file__).resolve().parent.parent / "fixtures" / "gtp5g-mini"
 HEADERS = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))

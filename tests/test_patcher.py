@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gtp5g_op import patcher
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
-from gtp5g_op.patcher import CSource, State
+from gtp5g_op.kernel import patcher
+from gtp5g_op.kernel.patcher import CSource, State
 
 MINI = Path(__file__).resolve().parent.parent / "fixtures" / "gtp5g-mini"
 SEVEN = ["gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "gtp5g_xmit_skb_ipv4",

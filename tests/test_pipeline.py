@@ -6,11 +6,11 @@ import os
 import time
 import tracemalloc
 
-from gtp5g_op import workload
+from gtp5g_op.kernel import workload
 from gtp5g_op.model import Target
-from gtp5g_op.pipeline import Pipeline
-from gtp5g_op.procs import ProcessValidator
-from gtp5g_op.traceparse import TraceParser
+from gtp5g_op.trace.parser import TraceParser
+from gtp5g_op.trace.pipeline import Pipeline
+from gtp5g_op.trace.validate import ProcessValidator
 
 
 class Recorder:
@@ -54,7 +54,7 @@ def test_live_process_its_threads_and_its_exit():
 
 def test_unknown_comm_of_a_live_thread_is_named_from_proc():
     """A `<...>` task column (comm not cached by the kernel) still finds the live nr-gnb thread."""
-    from gtp5g_op.watcher import WatchOptions, build_pipeline
+    from gtp5g_op.trace.watch import WatchOptions, build_pipeline
 
     pusher = Recorder()
     pipe = build_pipeline(WatchOptions(threads=False), pusher=pusher)

@@ -1,4 +1,4 @@
-"""procs.py against real processes: a child renamed nr-gnb with named threads, kernel threads, dead pids."""
+"""trace/validate.py against real processes: a child renamed nr-gnb with named threads, kernel threads, dead pids."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ import pytest
 from click.testing import CliRunner
 from conftest import host_pids, require_root
 
-from gtp5g_op import workload
+from gtp5g_op.kernel import workload
 from gtp5g_op.model import Target
-from gtp5g_op.procs import CLK_TCK, ProcessValidator, in_host_pid_namespace, read_stat
+from gtp5g_op.trace.validate import CLK_TCK, ProcessValidator, in_host_pid_namespace, read_stat
 
 
 @pytest.fixture(scope="module")
@@ -96,7 +96,7 @@ def test_a_process_that_started_after_the_traced_event_is_a_reused_pid(gnb):
 def test_trace_timestamps_of_a_boot_clock_instance_compare_exactly_with_start_times():
     """A real trace line's timestamp (instance clock 'boot') against real processes' start times."""
     require_root("tracefs needs root")
-    from gtp5g_op.tracefs import TraceInstance
+    from gtp5g_op.trace.tracefs import TraceInstance
 
     with workload.start("nr-gnb", threads=1, rate=5) as before, TraceInstance(f"gtp5g-op-test-{os.getpid()}") \
             as inst:
@@ -222,7 +222,7 @@ def test_workload_cli_help_and_usage_errors():
 def test_workload_human_output():
     import subprocess
 
-    out = subprocess.run([sys.executable, "-m", "gtp5g_op.workload", "--name", "nr-gnb", "--threads", "1",
+    out = subprocess.run([sys.executable, "-m", "gtp5g_op.kernel.workload", "--name", "nr-gnb", "--threads", "1",
                           "--rate", "20", "--duration", "0.3"], capture_output=True, text=True, timeout=20,
                          check=False)
     assert out.returncode == 0

@@ -8,9 +8,8 @@ import time
 import pytest
 
 from gtp5g_op.config import Policy, Rule
-from gtp5g_op.gthulhu import GthulhuClient
-from gtp5g_op.model import Target
-from gtp5g_op.strategy_sync import (
+from gtp5g_op.gthulhu.legacy import GthulhuClient
+from gtp5g_op.gthulhu.sync import (
     MANUAL,
     WATCH,
     OwnershipStore,
@@ -18,7 +17,7 @@ from gtp5g_op.strategy_sync import (
     merge,
     target_strategies,
 )
-
+from gtp5g_op.model import Target
 
 APP = [{"key": "app", "value": "ueransim-macvlan"}]
 DEFAULT_SELECTOR = {"priority": True, "execution_time": 20000000, "selectors": APP, "command_regex": "nr-gnb|nr-ue|ping"}
@@ -208,7 +207,7 @@ def test_final_push_reports_failure(gthulhu_server, tmp_path):
 
 
 def test_metrics_hear_about_pushes_and_renewals(gthulhu_server, tmp_path):
-    from gtp5g_op.metrics import Metrics
+    from gtp5g_op.ops.metrics import Metrics
 
     metrics = Metrics()
     pusher = _pusher(gthulhu_server, tmp_path)

@@ -16,7 +16,7 @@ import pytest
 from conftest import host_pids, require_root
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
-from gtp5g_op.tracefs import (
+from gtp5g_op.trace.tracefs import (
     LOCK_DIR,
     TraceInstance,
     cleanup_stale_instances,
@@ -89,7 +89,7 @@ def spawn_owner(name: str) -> subprocess.Popen:
     """A child python that opens instance ``name`` and sleeps; returns once the instance exists."""
     code = textwrap.dedent(f"""
         import sys, time
-        from gtp5g_op.tracefs import TraceInstance
+        from gtp5g_op.trace.tracefs import TraceInstance
         inst = TraceInstance({name!r}).open()
         print("ready", flush=True)
         time.sleep(60)
@@ -112,7 +112,7 @@ def test_find_tracefs_mounts_it_in_a_fresh_mount_namespace():
     require_root("mount namespaces need root")
     code = textwrap.dedent("""
         import ctypes, os
-        from gtp5g_op.tracefs import find_tracefs, _tracefs_mounts
+        from gtp5g_op.trace.tracefs import find_tracefs, _tracefs_mounts
         from gtp5g_op.errors import EnvironmentProblem
         libc = ctypes.CDLL("libc.so.6", use_errno=True)
         while _tracefs_mounts():
@@ -221,7 +221,7 @@ def test_cleanup_stale_instances_removes_only_unowned_ones(root, name):
 def test_instance_is_removed_on_exit_and_signals(root, name, how):
     code = textwrap.dedent(f"""
         import signal, sys, time
-        from gtp5g_op.tracefs import TraceInstance
+        from gtp5g_op.trace.tracefs import TraceInstance
         signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))  # what watch does
         inst = TraceInstance({name!r}).open()  # no with-block: atexit must clean up
         print("ready", flush=True)
@@ -278,7 +278,7 @@ def test_overruns_counts_lines_lost_in_a_small_buffer(root, name):
 @host_pids
 def test_syscall_events_of_a_named_workload_arrive_through_the_instance(root, name):
     """Real lines for a real process: the workload's getppid calls, via the syscall tracepoint."""
-    from gtp5g_op import workload
+    from gtp5g_op.kernel import workload
 
     stop = threading.Event()
     with TraceInstance(name) as inst:

@@ -6,12 +6,11 @@ import json
 import re
 
 import pytest
+from conftest import FIXTURES
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gtp5g_op.traceparse import MAX_LINE, Event, TraceParser, parse_line, render
-
-from conftest import FIXTURES
+from gtp5g_op.trace.parser import MAX_LINE, Event, TraceParser, parse_line, render
 
 TRACES = sorted((FIXTURES / "traces").glob("*.trace"))
 HAVE_ACCEL = TraceParser().accelerated
@@ -177,7 +176,7 @@ def test_unknown_comm_is_named_by_the_resolver(accel):
 
 def test_unknown_comm_is_asked_once_per_ttl(monkeypatch):
     """/proc is asked once per pid per NAME_TTL, however many chunks name it; a later rename is seen."""
-    import gtp5g_op.traceparse as tp
+    import gtp5g_op.trace.parser as tp
 
     clock = [100.0]
     monkeypatch.setattr(tp.time, "monotonic", lambda: clock[0])
@@ -229,7 +228,7 @@ def test_overlong_partial_line_memory_is_bounded():
 @pytest.mark.parametrize("path", TRACES, ids=lambda p: p.name)
 @pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
 def test_fixture_traces_match_expected(path, accel):
-    from gtp5g_op.watcher import WatchOptions, run_watch
+    from gtp5g_op.trace.watch import WatchOptions, run_watch
 
     expected = json.loads(path.with_suffix(".expected.json").read_text())
     result = run_watch(WatchOptions(replay=str(path), validate=False, accelerate=accel))

@@ -11,9 +11,15 @@ import pytest
 from elftools.elf.elffile import ELFFile
 
 from gtp5g_op.errors import EnvironmentProblem, UsageError
-from gtp5g_op.traceparse import parse_line
-from gtp5g_op.tracer_build import (KERNEL_BTF, build_tracer, clang_target_flags, is_stale, object_paths,
-                                   source_dir)
+from gtp5g_op.kernel.tracer_build import (
+    KERNEL_BTF,
+    build_tracer,
+    clang_target_flags,
+    is_stale,
+    object_paths,
+    source_dir,
+)
+from gtp5g_op.trace.parser import parse_line
 
 FUNCTIONS = ("gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "gtp5g_xmit_skb_ipv4",
              "gtp5g_push_header", "pdr_find_by_gtp1u", "policePacket")

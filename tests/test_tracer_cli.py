@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-
 from conftest import host_pids, require_root
-from gtp5g_op.bpf_loader import GTP5G_BTF
+
 from gtp5g_op.cli import main
-from gtp5g_op.tracer_build import KERNEL_BTF
+from gtp5g_op.kernel.bpf_loader import GTP5G_BTF
+from gtp5g_op.kernel.tracer_build import KERNEL_BTF
 
 
 @pytest.fixture(scope="module")

@@ -11,10 +11,10 @@ import pytest
 from click.testing import CliRunner
 from conftest import btf_blob, fake_loaded_gtp5g
 
-from gtp5g_op import verify
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EnvironmentProblem, UsageError
-from gtp5g_op.verify import BtfReader
+from gtp5g_op.kernel import verify
+from gtp5g_op.kernel.verify import BtfReader
 
 SYS_VMLINUX = Path("/sys/kernel/btf/vmlinux")
 
@@ -99,7 +99,7 @@ def test_cli_verify_built_module(tmp_path):
     """Build the unpatched v0.8 fixture for real and check the table / JSON say not exported."""
     import glob
 
-    from gtp5g_op import modbuild
+    from gtp5g_op.kernel import modbuild
 
     headers = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
     if not headers:

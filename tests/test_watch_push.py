@@ -11,7 +11,7 @@ import time
 
 from conftest import host_pids, open_fifo_writer, wait_for
 
-from gtp5g_op import workload
+from gtp5g_op.kernel import workload
 
 
 @host_pids

@@ -38,5 +38,5 @@ fi
 spec="."
 [ -z "${GTP5G_OP_EXTRAS:-}" ] || spec=".[${GTP5G_OP_EXTRAS}]"
 .venv/bin/python -m pip install -q -e "$spec" >&2
-.venv/bin/python -c 'import gtp5g_op.traceparse as t; print("setup: parser accelerator:", "C" if t.TraceParser().accelerated else "pure Python (no C compiler)")' >&2
+.venv/bin/python -c 'import gtp5g_op.trace.parser as t; print("setup: parser accelerator:", "C" if t.TraceParser().accelerated else "pure Python (no C compiler)")' >&2
 export PATH="$PWD/.venv/bin:$PATH"

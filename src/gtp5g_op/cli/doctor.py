@@ -9,9 +9,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op import doctor as checks
 from gtp5g_op.config import DEFAULT_API_URL
 from gtp5g_op.errors import EXIT_FAIL, cli_errors
+from gtp5g_op.ops import doctor as checks
 
 _STYLE = {checks.OK: "green", checks.FAIL: "red", checks.WARN: "yellow", checks.UNKNOWN: "magenta"}
 

@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op import modbuild, patcher
-from gtp5g_op import verify as verifier
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
+from gtp5g_op.kernel import modbuild, patcher
+from gtp5g_op.kernel import verify as verifier
 
 _STATE_STYLE = {"exported": "green", "global only": "yellow", "static": "red", "absent": "dim"}
 

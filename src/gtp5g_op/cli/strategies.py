@@ -10,9 +10,9 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op import strategy_sync as sync
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
+from gtp5g_op.gthulhu import sync
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:

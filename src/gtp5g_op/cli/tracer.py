@@ -1,5 +1,5 @@
 """``gtp5g-op tracer run|selftest`` and ``gtp5g-op build tracer``: thin commands over
-:mod:`gtp5g_op.bpf_loader`, :mod:`gtp5g_op.tracer_selftest` and :mod:`gtp5g_op.tracer_build`."""
+:mod:`gtp5g_op.kernel.bpf_loader`, :mod:`gtp5g_op.kernel.selftest` and :mod:`gtp5g_op.kernel.tracer_build`."""
 
 from __future__ import annotations
 
@@ -13,11 +13,11 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op.bpf_loader import ProgramResult, open_tracer
 from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
-from gtp5g_op.tracer_build import build_tracer as build_objects
-from gtp5g_op.tracer_build import default_out_dir
-from gtp5g_op.tracer_selftest import run_selftest
+from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
+from gtp5g_op.kernel.selftest import run_selftest
+from gtp5g_op.kernel.tracer_build import build_tracer as build_objects
+from gtp5g_op.kernel.tracer_build import default_out_dir
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _OBJ = click.Path(dir_okay=False, exists=True, path_type=Path)

@@ -1,4 +1,4 @@
-"""``gtp5g-op watch``: a thin layer over :mod:`gtp5g_op.watcher`."""
+"""``gtp5g-op watch``: a thin layer over :mod:`gtp5g_op.trace.watch`."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import sys
 import click
 
 from gtp5g_op.errors import cli_errors
-from gtp5g_op.logsetup import setup_logging
-from gtp5g_op.watcher import BUNDLED_SAMPLE, WatchOptions, run_watch
+from gtp5g_op.ops.logs import setup_logging
+from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
 
 def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
@@ -87,7 +87,7 @@ def watch(ctx: click.Context, **kw) -> None:
     )
     pusher_factory = None
     if kw["push"]:
-        from gtp5g_op.strategy_sync import make_pusher
+        from gtp5g_op.gthulhu.sync import make_pusher
 
         settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
 
@@ -116,7 +116,7 @@ def watch(ctx: click.Context, **kw) -> None:
     )
     view = None
     if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
-        from gtp5g_op.liveview import LiveView
+        from gtp5g_op.cli.liveview import LiveView
 
         view = LiveView()
     try:
@@ -127,7 +127,7 @@ def watch(ctx: click.Context, **kw) -> None:
     if kw["as_json"]:
         click.echo(json.dumps(result.report, indent=1))
     else:
-        from gtp5g_op.liveview import print_summary
+        from gtp5g_op.cli.liveview import print_summary
 
         print_summary(result.report)
     ctx.exit(result.exit_code)

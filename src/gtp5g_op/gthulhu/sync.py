@@ -31,7 +31,7 @@ import psutil
 
 from gtp5g_op.config import DEFAULT_KNOWN_SELECTORS, Policy, Settings, format_duration_ns
 from gtp5g_op.errors import OpError
-from gtp5g_op.gthulhu import GthulhuClient
+from gtp5g_op.gthulhu.legacy import GthulhuClient
 from gtp5g_op.model import Target
 
 log = logging.getLogger(__name__)
@@ -311,7 +311,7 @@ class StrategyPusher:
         metrics: Any = None,
     ):
         self.client = client
-        self.metrics = metrics  # gtp5g_op.metrics.Metrics (observe_push, token_renewed) or None
+        self.metrics = metrics  # gtp5g_op.ops.metrics.Metrics (observe_push, token_renewed) or None
         self._renewals_seen = 0
         self.policy = policy
         self.interval = interval

@@ -1,5 +1,5 @@
 /*
- * C accelerator for gtp5g_op.traceparse: scans whole trace_pipe lines and sums, per target subject,
+ * C accelerator for gtp5g_op.trace.parser: scans whole trace_pipe lines and sums, per target subject,
  * event count, first/last timestamp and hooks.
  *
  * Why hand-written C: the replay benchmark must beat a compiled Go parser, and CPython's `re`

@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import psutil
 
-from .errors import EnvironmentProblem
-from .model import Target
+from gtp5g_op.errors import EnvironmentProblem
+from gtp5g_op.model import Target
 
 log = logging.getLogger(__name__)
 

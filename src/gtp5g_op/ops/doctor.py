@@ -23,8 +23,8 @@ from pathlib import Path
 
 import requests
 
-from gtp5g_op import modbuild, verify
 from gtp5g_op.errors import OpError
+from gtp5g_op.kernel import modbuild, verify
 from gtp5g_op.model import FAIL, OK, UNKNOWN, WARN, Check
 
 log = logging.getLogger(__name__)
@@ -157,7 +157,7 @@ def _vmlinux_func_ids() -> dict[str, int]:
 
 def check_tracefs() -> Check:
     from gtp5g_op.errors import EnvironmentProblem
-    from gtp5g_op.tracefs import find_tracefs
+    from gtp5g_op.trace.tracefs import find_tracefs
 
     try:
         path = find_tracefs(mount=False)
@@ -167,7 +167,7 @@ def check_tracefs() -> Check:
 
 
 def check_pid_namespace() -> Check:
-    from gtp5g_op.procs import HOST_PID_FIX, in_host_pid_namespace
+    from gtp5g_op.trace.validate import HOST_PID_FIX, in_host_pid_namespace
 
     if not in_host_pid_namespace():
         return Check("PID namespace", FAIL, "not the host's: trace pids are not this /proc's", HOST_PID_FIX)

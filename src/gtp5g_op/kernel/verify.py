@@ -170,7 +170,7 @@ class VerifyReport:
 
 def default_functions() -> list[str]:
     """Names of the bundled export set."""
-    from gtp5g_op.patcher import load_export_set
+    from gtp5g_op.kernel.patcher import load_export_set
 
     return [spec.name for spec in load_export_set().functions]
 

@@ -6,7 +6,7 @@ import logging
 from typing import Any, Protocol
 
 from gtp5g_op.model import ProcessRecord, Target
-from gtp5g_op.traceparse import Stats, SubjectUpdate, TraceParser
+from gtp5g_op.trace.parser import Stats, SubjectUpdate, TraceParser
 
 log = logging.getLogger(__name__)
 
@@ -16,7 +16,7 @@ FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
 
 
 class Validator(Protocol):
-    """What the pipeline needs from gtp5g_op.procs.ProcessValidator."""
+    """What the pipeline needs from gtp5g_op.trace.validate.ProcessValidator."""
 
     def check(self, pid: int, comm: str, tgid: int | None = None, seen_at: float | None = None) -> Any: ...
 
@@ -26,7 +26,7 @@ class Validator(Protocol):
 
 
 class Pusher(Protocol):
-    """What the pipeline needs from gtp5g_op.strategy_sync.StrategyPusher."""
+    """What the pipeline needs from gtp5g_op.gthulhu.sync.StrategyPusher."""
 
     def update(self, targets: Any) -> None: ...
 

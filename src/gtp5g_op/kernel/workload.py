@@ -3,7 +3,7 @@
 The tracer's selftest probe fires on a syscall tracepoint, so this gives it a real ``nr-gnb`` (or any
 name) with real, named threads to see, and gives the validator real processes to check::
 
-    python -m gtp5g_op.workload --name nr-gnb --threads 3 --rate 100 --duration 5
+    python -m gtp5g_op.kernel.workload --name nr-gnb --threads 3 --rate 100 --duration 5
 
 Tests use :func:`start`, which runs it as a child process and returns once every thread is named.
 """
@@ -23,7 +23,7 @@ from typing import Self
 
 import click
 
-from .errors import UsageError, cli_errors
+from gtp5g_op.errors import UsageError, cli_errors
 
 # Syscalls the loop can make; each os function below is one system call per call (glibc caches none).
 SYSCALLS: dict[str, Callable[[], object]] = {
@@ -146,7 +146,7 @@ class Workload:
 def start(name: str = "nr-gnb", threads: int = 3, rate: float = 100.0, duration: float = 0,
           syscall: str = "getppid", thread_name: str | None = None, timeout: float = 10.0) -> Workload:
     """Run the workload in a child python; return once its threads are named (``duration`` 0: until stopped)."""
-    cmd = [sys.executable, "-m", "gtp5g_op.workload", "--json", "--name", name, "--threads", str(threads),
+    cmd = [sys.executable, "-m", "gtp5g_op.kernel.workload", "--json", "--name", name, "--threads", str(threads),
            "--rate", str(rate), "--duration", str(duration), "--syscall", syscall]
     if thread_name:
         cmd += ["--thread-name", thread_name]
@@ -187,9 +187,9 @@ def main(name: str, threads: int, thread_name: str | None, rate: float, duration
 
     \b
     Examples:
-      python -m gtp5g_op.workload --name nr-gnb --threads 3 --rate 100 --duration 5
-      python -m gtp5g_op.workload --name nr-ue --syscall getpid --duration 0   # until Ctrl-C
-      python -m gtp5g_op.workload --name nr-gnb --thread-name sctp-worker --json
+      python -m gtp5g_op.kernel.workload --name nr-gnb --threads 3 --rate 100 --duration 5
+      python -m gtp5g_op.kernel.workload --name nr-ue --syscall getpid --duration 0   # until Ctrl-C
+      python -m gtp5g_op.kernel.workload --name nr-gnb --thread-name sctp-worker --json
     """
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -19,8 +19,8 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
-from gtp5g_op.pipeline import Pipeline
-from gtp5g_op.traceparse import DEFAULT_MATCH, TraceParser
+from gtp5g_op.trace.parser import DEFAULT_MATCH, TraceParser
+from gtp5g_op.trace.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def read_chunks(fh: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
 
 def paced(chunks: Iterator[bytes], speed: float, stop: threading.Event) -> Iterator[bytes]:
     """Re-emit lines at ``speed`` times the pace of their trace timestamps."""
-    from gtp5g_op.traceparse import parse_line
+    from gtp5g_op.trace.parser import parse_line
 
     t0 = ts0 = None
     tail = b""
@@ -200,7 +200,7 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
     """The pipeline for these options."""
     validator, resolve_comm = None, None
     if opts.validate:
-        from gtp5g_op.procs import ProcessValidator, current_comm
+        from gtp5g_op.trace.validate import ProcessValidator, current_comm
 
         # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
         validator, resolve_comm = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads), current_comm
@@ -213,14 +213,14 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
     if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
     if opts.replay is None and opts.validate:
-        from gtp5g_op.procs import require_host_pid_namespace
+        from gtp5g_op.trace.validate import require_host_pid_namespace
 
         require_host_pid_namespace()
     stop = threading.Event()
     with contextlib.ExitStack() as stack:
         metrics = None
         if opts.metrics_port is not None:
-            from gtp5g_op.metrics import Metrics, push_max_age
+            from gtp5g_op.ops.metrics import Metrics, push_max_age
 
             metrics = Metrics(push_max_age=push_max_age(opts.interval) if opts.push else None)
             metrics.serve(opts.metrics_port)
@@ -257,7 +257,7 @@ def _push_status(pusher: Any, ok: bool) -> dict:
 
 def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
     """Load and attach the bundled gtp5g tracer until the watch ends; its per-program report."""
-    from gtp5g_op.bpf_loader import open_tracer
+    from gtp5g_op.kernel.bpf_loader import open_tracer
 
     bpf = open_tracer()
     stack.callback(bpf.close)
@@ -320,7 +320,7 @@ def _run_live(
     metrics: Any,
     view: Callable | None,
 ) -> None:
-    from gtp5g_op import tracefs
+    from gtp5g_op.trace import tracefs
 
     instance = None
     if opts.trace_pipe:

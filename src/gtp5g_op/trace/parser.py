@@ -15,7 +15,7 @@ The rules (docs/trace-format.md, from the project's trace-format reference):
 returns per-subject summaries for subjects whose comm fully matches the target regex. A subject whose
 comm the kernel did not know (``<...>``) is named by ``resolve_comm(pid)`` when one is given (live
 watching: the comm in /proc), then matched. It uses the C
-accelerator ``gtp5g_op._fastscan`` when it was built, and :func:`parse_line` otherwise; both follow the
+accelerator ``gtp5g_op.trace._fastscan`` when it was built, and :func:`parse_line` otherwise; both follow the
 same rules and are tested against each other.
 """
 
@@ -204,7 +204,7 @@ def _merge(into: dict[tuple[int, str], SubjectUpdate], later: list[SubjectUpdate
 
 def _load_accelerator():
     try:
-        from gtp5g_op import _fastscan  # type: ignore[attr-defined]
+        from gtp5g_op.trace import _fastscan  # type: ignore[attr-defined]
     except ImportError:
         log.debug("C accelerator not built; using the pure-Python parser")
         return None

@@ -16,12 +16,12 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gtp5g_op.bpf_loader import BpfObject
 from gtp5g_op.errors import OpError
-from gtp5g_op.procs import HOST_PID_NS, require_host_pid_namespace
-from gtp5g_op.tracefs import TraceInstance, tail
-from gtp5g_op.traceparse import Event, parse_line
-from gtp5g_op.tracer_build import ensure_built
+from gtp5g_op.kernel.bpf_loader import BpfObject
+from gtp5g_op.kernel.tracer_build import ensure_built
+from gtp5g_op.trace.parser import Event, parse_line
+from gtp5g_op.trace.tracefs import TraceInstance, tail
+from gtp5g_op.trace.validate import HOST_PID_NS, require_host_pid_namespace
 
 log = logging.getLogger(__name__)
 

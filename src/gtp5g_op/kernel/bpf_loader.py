@@ -336,7 +336,7 @@ class BpfObject:
 def _ensure_tracefs() -> None:
     """libbpf looks tracepoint ids up in tracefs: mount it when it is not (a failed attach explains why)."""
     from gtp5g_op.errors import EnvironmentProblem
-    from gtp5g_op.tracefs import find_tracefs
+    from gtp5g_op.trace.tracefs import find_tracefs
 
     try:
         find_tracefs(mount=True)
@@ -351,7 +351,7 @@ def open_tracer(obj: str | os.PathLike | None = None, build_dir: str | os.PathLi
     Check ``report`` / ``attached``: programs that failed are in the report with the reason.
     """
     if obj is None:
-        from gtp5g_op.tracer_build import ensure_built
+        from gtp5g_op.kernel.tracer_build import ensure_built
 
         obj = ensure_built(build_dir)["gtp5g"]
     return BpfObject(obj, programs).open()

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
-from .errors import EnvironmentProblem, UsageError
+from gtp5g_op.errors import EnvironmentProblem, UsageError
 
 log = logging.getLogger(__name__)
 

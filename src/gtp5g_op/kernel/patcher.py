@@ -30,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gtp5g_op import DATA_DIR
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,10 @@ class ExportSet:
 
 
 def default_set_path() -> Path:
-    """The bundled export set: ``patches/`` next to the source tree, or the package's data copy."""
+    """The bundled export set (``patches/``, shipped as package data), or ``$GTP5G_OP_PATCHES``."""
     env = os.environ.get("GTP5G_OP_PATCHES")
     candidates = [Path(env)] if env else []
-    here = Path(__file__).resolve()
-    candidates += [here.parents[2] / "patches", here.parent / "data" / "patches"]
+    candidates.append(DATA_DIR / "patches")
     for directory in candidates:
         if (directory / SET_FILE).is_file():
             return directory / SET_FILE

@@ -20,7 +20,7 @@ connection, keep-alive with HTTP/1.1) and adds no dependency; it is not meant to
 
 Usage::
 
-    python -m gtp5g_op.gthulhu_testserver --port 8080 --public-key-out /tmp/gthulhu.pub
+    python -m gtp5g_op.gthulhu.testserver --port 8080 --public-key-out /tmp/gthulhu.pub
 """
 
 from __future__ import annotations
@@ -403,9 +403,9 @@ def load_or_create_key(path: Path | None) -> rsa.RSAPrivateKey:
 def main(argv: list[str] | None = None) -> int:
     """Run the server until interrupted; prints one ``listening on URL`` line when ready."""
     parser = argparse.ArgumentParser(
-        prog="python -m gtp5g_op.gthulhu_testserver",
+        prog="python -m gtp5g_op.gthulhu.testserver",
         description="Gthulhu-compatible API server with switchable faults, for tests and local trials.",
-        epilog="example: python -m gtp5g_op.gthulhu_testserver --port 8080 --public-key-out /tmp/gthulhu.pub",
+        epilog="example: python -m gtp5g_op.gthulhu.testserver --port 8080 --public-key-out /tmp/gthulhu.pub",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080, help="0 picks a free port (see the 'listening on' line)")

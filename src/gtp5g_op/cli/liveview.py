@@ -10,8 +10,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from gtp5g_op.pipeline import Pipeline
-from gtp5g_op.traceparse import printable
+from gtp5g_op.trace.parser import printable
+from gtp5g_op.trace.pipeline import Pipeline
 
 
 def _ts(value: float | None) -> str:

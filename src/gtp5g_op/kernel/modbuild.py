@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.kernel.patcher import STATE_DIR, is_gtp5g_tree
 from gtp5g_op.model import Check
-from gtp5g_op.patcher import STATE_DIR, is_gtp5g_tree
 
 log = logging.getLogger(__name__)
 

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from gtp5g_op import DATA_DIR
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,10 @@ def default_out_dir() -> Path:
 
 
 def source_dir() -> Path:
-    """The tracer sources: package data when installed, ``tracer/`` of a source checkout otherwise."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / "data" / "tracer", here.parent.parent / "tracer"):
-        if (candidate / OBJECTS["gtp5g"]).is_file():
-            return candidate
+    """The tracer sources (``tracer/``, shipped as package data)."""
+    candidate = DATA_DIR / "tracer"
+    if (candidate / OBJECTS["gtp5g"]).is_file():
+        return candidate
     raise OpError("the tracer sources (gtp5g.bpf.c) are not installed with gtp5g-op",
                   fix="reinstall gtp5g-op, or run from a source checkout that has tracer/")
 

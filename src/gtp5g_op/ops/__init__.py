@@ -1,0 +1,1 @@
+"""Operations: metrics, logging, host readiness checks (doctor)."""
