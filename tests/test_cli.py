@@ -31,3 +31,19 @@ def test_every_help_ends_with_examples_of_itself():
         lines = [x.strip() for x in examples.splitlines() if x.strip()]
         assert lines and all(x.split()[0] == "gtp5g-op" and set(path) <= set(x.split()) for x in lines), (
             path, lines)
+
+
+def test_shared_options_are_accepted_on_the_group_and_the_command_and_the_nearest_wins(tmp_path):
+    """API, config and verbosity options work before or after the sub-command (as kubectl and gh)."""
+    runner = CliRunner()
+    missing = tmp_path / "no-such.pem"
+    for args in (
+        ["strategies", "list", "--api-url", "http://127.0.0.1:9", "--public-key", str(missing), "-v"],
+        ["-v", "strategies", "--public-key", str(missing), "list"],
+        ["strategies", "--public-key", str(tmp_path / "other.pem"), "list", "--public-key", str(missing)],
+    ):
+        result = runner.invoke(main, args)
+        assert result.exit_code == 2, (args, result.output)
+        assert f"cannot read public key {missing}" in result.output, (args, result.output)
+    result = runner.invoke(main, ["watch", "--replay", "--no-validate", "--json", "-v", "--log-format", "json"])
+    assert result.exit_code == 0, result.output

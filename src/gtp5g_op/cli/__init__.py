@@ -12,7 +12,7 @@ import inspect
 import click
 
 from gtp5g_op import __version__
-
+from gtp5g_op.cli.common import GLOBAL, shared_options
 
 _EXAMPLES = "\b\nExamples:"
 
@@ -63,9 +63,8 @@ class LazyGroup(click.Group):
     context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
 )
 @click.version_option(__version__, prog_name="gtp5g-op")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
-@click.pass_context
-def main(ctx: click.Context, verbose: int) -> None:
+@shared_options(*GLOBAL)
+def main() -> None:
     """Operate a gtp5g user plane: patch and verify the module, trace its packet path,
     and push Gthulhu scheduling strategies for the processes that carry GTP-U traffic.
 
@@ -77,8 +76,6 @@ def main(ctx: click.Context, verbose: int) -> None:
       gtp5g-op strategies list                # what the Gthulhu API holds now
       gtp5g-op doctor                         # is this host ready?
     """
-    ctx.ensure_object(dict)
-    ctx.obj["verbose"] = verbose
 
 
 examples_last(main)

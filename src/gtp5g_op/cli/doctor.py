@@ -9,7 +9,8 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op.config import DEFAULT_API_URL
+from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.config import load_settings
 from gtp5g_op.errors import EXIT_FAIL, cli_errors
 from gtp5g_op.ops import doctor as checks
 
@@ -17,11 +18,11 @@ _STYLE = {checks.OK: "green", checks.FAIL: "red", checks.WARN: "yellow", checks.
 
 
 @click.command("doctor")
-@click.option("--api-url", envvar="GTP5G_OP_API_URL", default=DEFAULT_API_URL, show_default=True,
-              help="Gthulhu API base URL (env GTP5G_OP_API_URL).")
+@shared_options(*GLOBAL, *API)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
 @cli_errors
-def doctor(api_url: str, as_json: bool) -> None:
+def doctor(ctx: click.Context, as_json: bool) -> None:
     """Check this host: tracefs, BPF, kernel BTF, fentry, the gtp5g module (exports, BTF), its
     devices, clang/bpftool and the Gthulhu API. Exit code 0 only when every required check passes.
 
@@ -31,7 +32,9 @@ def doctor(api_url: str, as_json: bool) -> None:
       gtp5g-op doctor --api-url http://10.0.0.5:8080
       gtp5g-op doctor --json | jq '.checks[] | select(.status != "ok")'
     """
-    results = checks.run_checks(api_url)
+    setup_logs(ctx)
+    settings = load_settings(shared_values(ctx).get("config"), **api_flags(ctx))
+    results = checks.run_checks(settings.api_url)
     ready = checks.all_ready(results)
     if as_json:
         click.echo(json.dumps({"ready": ready, "checks": [c.as_dict() for c in results]}))

@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
 
+from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
-    return load_settings(**ctx.obj["strategy_flags"], **flags)
+    setup_logs(ctx)
+    return load_settings(shared_values(ctx).get("config"), **api_flags(ctx), **flags)
 
 
 def _store(settings: Settings) -> sync.OwnershipStore:
@@ -28,13 +29,8 @@ def _emit_json(doc: Any) -> None:
 
 
 @click.group()
-@click.option("--api-url", help="Gthulhu API base URL [env GTP5G_OP_API_URL; default http://127.0.0.1:8080].")
-@click.option("--public-key", type=click.Path(dir_okay=False, path_type=Path), help="The server's RSA public key PEM [env GTP5G_OP_PUBLIC_KEY].")
-@click.option("--ca-bundle", type=click.Path(dir_okay=False, path_type=Path), help="CA file to verify an https API.")
-@click.option("--insecure", is_flag=True, default=None, help="Do not verify the API's TLS certificate.")
-@click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path), help="TOML config file (docs/config.md) [env GTP5G_OP_CONFIG].")
-@click.pass_context
-def strategies(ctx: click.Context, api_url: str | None, public_key: Path | None, ca_bundle: Path | None, insecure: bool | None, config_file: Path | None) -> None:
+@shared_options(*GLOBAL, *API)
+def strategies() -> None:
     """Show and change the scheduling strategies held by the Gthulhu API.
 
     A POST to the API replaces its whole set, so push/delete/prune read the set first and keep what
@@ -48,17 +44,10 @@ def strategies(ctx: click.Context, api_url: str | None, public_key: Path | None,
       gtp5g-op strategies delete --pid 4242
       gtp5g-op strategies prune          # remove only what gtp5g-op put there
     """
-    ctx.ensure_object(dict)
-    ctx.obj["strategy_flags"] = {
-        "config": config_file,
-        "api_url": api_url,
-        "public_key": public_key,
-        "ca_bundle": ca_bundle,
-        "insecure": insecure,
-    }
 
 
 @strategies.command("list")
+@shared_options(*GLOBAL, *API)
 @click.option("--json", "as_json", is_flag=True, help="Print the server's list as JSON.")
 @click.pass_context
 @cli_errors
@@ -100,6 +89,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 
 
 @strategies.command("push")
+@shared_options(*GLOBAL, *API)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, required=True, help="Thread id to favour (repeatable).")
 @click.option("--priority/--no-priority", default=None, help="Run before others [config policy.priority; default true].")
 @click.option("--execution-time", help="Time slice: 20ms, 1.5s, 500us or ns [config policy.execution_time; default 20ms].")
@@ -140,6 +130,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], priority: bool | None, e
 
 
 @strategies.command("delete")
+@shared_options(*GLOBAL, *API)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, required=True, help="PID whose strategy to remove (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the removed PIDs as JSON.")
 @click.pass_context
@@ -161,6 +152,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], as_json: bool) -> None
 
 
 @strategies.command("prune")
+@shared_options(*GLOBAL, *API)
 @click.option("--json", "as_json", is_flag=True, help="Print the removed PIDs as JSON.")
 @click.pass_context
 @cli_errors

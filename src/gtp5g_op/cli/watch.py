@@ -7,8 +7,8 @@ import sys
 
 import click
 
+from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import cli_errors
-from gtp5g_op.ops.logs import setup_logging
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
 
@@ -40,16 +40,11 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
 @click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
-@click.option("--api-url", metavar="URL", help="Gthulhu API. [env GTP5G_OP_API_URL; default http://127.0.0.1:8080]")
-@click.option("--public-key", metavar="PEM", help="The API server's RSA public key. [env GTP5G_OP_PUBLIC_KEY]")
-@click.option("--ca-bundle", metavar="FILE", help="CA bundle for an https API.")
-@click.option("--insecure", is_flag=True, default=None, help="Do not verify the API's TLS certificate.")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
-@click.option("--config", metavar="TOML", help="Config file (see docs/config.md). [env GTP5G_OP_CONFIG]")
+@shared_options(*GLOBAL, *API)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
-@click.option("--log-format", type=click.Choice(["text", "json"]), default="text", show_default=True)
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
 @click.pass_context
 @cli_errors
@@ -68,15 +63,12 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
       gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
     """
-    setup_logging((ctx.obj or {}).get("verbose", 0), kw["log_format"])
+    setup_logs(ctx)
     from gtp5g_op.config import load_settings
 
     settings = load_settings(
-        kw["config"],
-        api_url=kw["api_url"],
-        public_key=kw["public_key"],
-        ca_bundle=kw["ca_bundle"],
-        insecure=kw["insecure"],
+        shared_values(ctx).get("config"),
+        **api_flags(ctx),
         match=kw["match"],
         exe_allow=kw["exe_allow"] or None,
         threads=kw["threads"],

@@ -1,0 +1,82 @@
+"""Options shared across the command tree, accepted on a group and on every sub-command below it.
+
+``gtp5g-op -v strategies --api-url URL list`` and ``gtp5g-op strategies list --api-url URL -v`` mean
+the same, as with kubectl and gh: a shared option given at several levels takes the value nearest to
+the command. Values live in ``ctx.meta`` (one dict for the whole context chain); a command reads them
+with :func:`shared_values`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+_KEY = "gtp5g_op.shared"
+
+OptionSpec = tuple[tuple[str, ...], dict[str, Any]]
+
+VERBOSE: OptionSpec = (("-v", "--verbose"), {"count": True, "help": "More log output (-vv for debug)."})
+LOG_FORMAT: OptionSpec = (
+    ("--log-format",),
+    {"type": click.Choice(["text", "json"]), "help": "Log lines as text or one JSON object each. [default: text]"},
+)
+CONFIG: OptionSpec = (
+    ("--config",),
+    {"metavar": "TOML", "help": "Config file (see docs/config.md). [env GTP5G_OP_CONFIG]"},
+)
+GLOBAL: tuple[OptionSpec, ...] = (VERBOSE, LOG_FORMAT, CONFIG)
+
+API: tuple[OptionSpec, ...] = (
+    (("--api-url",), {"metavar": "URL", "help": "Gthulhu API. [env GTP5G_OP_API_URL; default http://127.0.0.1:8080]"}),
+    (("--public-key",), {"metavar": "PEM", "help": "The API server's RSA public key. [env GTP5G_OP_PUBLIC_KEY]"}),
+    (("--ca-bundle",), {"metavar": "FILE", "help": "CA bundle for an https API."}),
+    (("--insecure",), {"is_flag": True, "default": None, "help": "Do not verify the API's TLS certificate."}),
+)
+
+
+def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """Record a value the user gave (flag or env), so the nearest level wins."""
+    if value is not None and ctx.get_parameter_source(param.name) is not ParameterSource.DEFAULT:
+        ctx.meta.setdefault(_KEY, {})[param.name] = value
+    return value
+
+
+def shared_options(*specs: OptionSpec) -> Callable[[Callable], Callable]:
+    """Declare ``specs`` on a command or group; read them back with :func:`shared_values`."""
+
+    def decorate(func: Callable) -> Callable:
+        for decls, attrs in reversed(specs):
+            func = click.option(*decls, expose_value=False, callback=_remember, **attrs)(func)
+        return func
+
+    return decorate
+
+
+def shared_values(ctx: click.Context) -> dict[str, Any]:
+    """The shared options given anywhere on the command line (nearest level wins), by parameter name."""
+    return dict(ctx.meta.get(_KEY, {}))
+
+
+def api_flags(ctx: click.Context) -> dict[str, Any]:
+    """The API options as ``config.load_settings`` keywords (absent ones are None)."""
+    given = shared_values(ctx)
+    flags: dict[str, Any] = {}
+    for decls, _attrs in API:
+        name = decls[0].lstrip("-").replace("-", "_")
+        flags[name] = given.get(name)
+    for name in ("public_key", "ca_bundle"):
+        if flags[name] is not None:
+            flags[name] = Path(flags[name])
+    return flags
+
+
+def setup_logs(ctx: click.Context) -> None:
+    """Configure logging from the shared -v / --log-format options."""
+    from gtp5g_op.ops.logs import setup_logging
+
+    given = shared_values(ctx)
+    setup_logging(given.get("verbose", 0), given.get("log_format") or "text")
