@@ -10,6 +10,8 @@ The rules (docs/trace-format.md, from the project's trace-format reference):
 * subject: (1) the first ``pid=N (`` in the message, named up to the LAST ``)`` of the line; else
   (2) ``PID=N, TGID=M`` in the message, comm from the task column; else (3) the task column.
   Pid 0 and pids above PID_MAX_LIMIT are never subjects.
+* count: a line stands for one event, or for ``N`` events when the message starts ``<hook>: N=<n>,``
+  (the bundled tracer aggregates in the kernel and prints one line per thread and hook per interval).
 
 :class:`TraceParser` feeds arbitrary byte chunks (partial lines are kept until their newline) and
 returns per-subject summaries for subjects whose comm fully matches the target regex. A subject whose
@@ -55,6 +57,9 @@ _LOST_RE = re.compile(rb"CPU:(\d+) \[LOST (\d{1,18}) EVENTS\]")
 _RULE1_RE = re.compile(_NOT_WORD + rb"pid=(\d+) \(")
 _RULE2_RE = re.compile(_NOT_WORD + rb"PID=(\d+), TGID=(\d+)")
 _HOOK_RE = re.compile(rb"([A-Za-z_][\w./-]*): ")
+# An aggregated line's event count: right after the hook, before any other field (so nothing a
+# process names itself, e.g. a comm in a rule-1 message, can stand in that place).
+_COUNT_RE = re.compile(rb"N=([1-9][0-9]{0,9})(?:,|\Z)")
 
 
 def _pid(digits: bytes) -> int | None:
@@ -92,6 +97,7 @@ class Event:
     subject_tgid: int | None
     subject_comm: str
     rule: int  # 1: pid=N (name), 2: PID=N, TGID=M, 3: task column
+    count: int = 1  # events the line stands for: its ``N=`` (aggregating tracer), else 1
 
 
 def parse_line(line: bytes) -> Event | None:
@@ -111,6 +117,7 @@ def _parse(line: bytes) -> Event | None:
     comm = _text(m["comm"])
     msg = m["msg"] or b""
     hook_m = _HOOK_RE.match(msg)
+    count_m = _COUNT_RE.match(msg, hook_m.end()) if hook_m else None
     s_pid: int | None
     r1 = _RULE1_RE.search(msg)
     close = msg.rfind(b")") if r1 else -1
@@ -139,6 +146,7 @@ def _parse(line: bytes) -> Event | None:
         subject_tgid=s_tgid or None,
         subject_comm=s_comm,
         rule=rule,
+        count=int(count_m[1]) if count_m else 1,
     )
 
 
@@ -158,8 +166,8 @@ class Stats:
     """Counters over everything fed so far."""
 
     lines: int = 0
-    events: int = 0
-    matched: int = 0
+    events: int = 0  # kernel events: one per event line, or its N= when the tracer aggregated
+    matched: int = 0  # events whose subject is a target
     malformed: int = 0
     lost_events: int = 0
 
@@ -360,17 +368,17 @@ class TraceParser:
                 elif line.strip(b" \r") and not line.lstrip(b" ").startswith(b"#"):
                     st.malformed += 1
                 continue
-            st.events += 1
+            st.events += ev.count
             if ev.subject_pid is None or not self._candidate(ev.subject_comm):
                 continue
-            st.matched += 1
+            st.matched += ev.count
             key = (ev.subject_pid, ev.subject_comm)
             upd = subjects.get(key)
             if upd is None:
                 upd = subjects[key] = SubjectUpdate(
                     ev.subject_pid, ev.subject_tgid, ev.subject_comm, 0, ev.timestamp, ev.timestamp
                 )
-            upd.count += 1
+            upd.count += ev.count
             upd.first_ts = min(upd.first_ts, ev.timestamp)
             upd.last_ts = max(upd.last_ts, ev.timestamp)
             if ev.subject_tgid is not None:
