@@ -3,21 +3,24 @@ instance; fentry programs get one plain-words verdict each without taking the ot
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import shutil
+import struct
 import subprocess
 import threading
+import time
 from pathlib import Path
 
 import pytest
-from conftest import host_pids, require_root
+from conftest import host_pids, require_root, wait_for
 
-from gtp5g_op.errors import OpError
+from gtp5g_op.errors import OpError, UsageError
 from gtp5g_op.kernel import bpf_loader
-from gtp5g_op.kernel.bpf_loader import GTP5G_BTF, BpfObject, explain, open_tracer, pick_detail
-from gtp5g_op.kernel.tracer_build import KERNEL_BTF, build_tracer, clang_target_flags
+from gtp5g_op.kernel.bpf_loader import GTP5G_BTF, BpfObject, Host, explain, module_reason, open_tracer, pick_detail
+from gtp5g_op.kernel.tracer_build import KERNEL_BTF, build_tracer, clang_target_flags, source_dir
 from gtp5g_op.trace.parser import parse_line
 from gtp5g_op.trace.tracefs import TraceInstance, tail
 
@@ -40,6 +43,33 @@ int fine(void *ctx) { return 0; }
 
 SEC("fentry/vfs_read")
 int BPF_PROG(on_vfs_read) { return 0; }
+
+SEC("kprobe/vfs_read")
+int BPF_KPROBE(on_vfs_read_kprobe) { return 0; }
+"""
+
+
+# The tracer's own aggregation (tracer/aggregate.h) on a tracepoint, so it runs on any host: the same
+# map, the same N= lines, the same flush program as the gtp5g programs.
+AGG_C = r"""
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+char LICENSE[] SEC("license") = "GPL";
+#define GTP5G_OP_NHOOKS 1
+#define GTP5G_OP_HOOK_LEN 32
+static const char gtp5g_op_hooks[GTP5G_OP_NHOOKS][GTP5G_OP_HOOK_LEN] = {"aggtest/sys_enter_getppid"};
+#include "aggregate.h"
+
+SEC("tp/syscalls/sys_enter_getppid")
+int agg_getppid(void *ctx)
+{
+	__u64 n = gtp5g_op_agg_take(0);
+	__u64 id = bpf_get_current_pid_tgid();
+
+	if (n)
+		bpf_printk("aggtest/sys_enter_getppid: N=%llu, PID=%u, TGID=%u", n, (__u32)id, (__u32)(id >> 32));
+	return 0;
+}
 """
 
 
@@ -52,9 +82,12 @@ def objs(tmp_path_factory) -> dict[str, Path]:
     out = tmp_path_factory.mktemp("bpf")
     built = build_tracer(out)
     (out / "mixed.bpf.c").write_text(MIXED_C)
-    subprocess.run(["clang", "-g", "-O2", "-target", "bpf", *clang_target_flags(), f"-I{out}",
-                    "-c", str(out / "mixed.bpf.c"), "-o", str(out / "mixed.bpf.o")], check=True)
-    return {**built, "mixed": out / "mixed.bpf.o"}
+    (out / "agg.bpf.c").write_text(AGG_C)
+    for name in ("mixed", "agg"):
+        subprocess.run(["clang", "-g", "-O2", "-target", "bpf", *clang_target_flags(), f"-I{out}",
+                        f"-I{source_dir()}", "-c", str(out / f"{name}.bpf.c"), "-o", str(out / f"{name}.bpf.o")],
+                       check=True)
+    return {**built, "mixed": out / "mixed.bpf.o", "agg": out / "agg.bpf.o"}
 
 
 def _getppid_thread(stop: threading.Event) -> threading.Thread:
@@ -117,17 +150,21 @@ def test_gtp5g_object_gets_a_verdict_per_program_without_gtp5g(objs):
     bpf = open_tracer(objs["gtp5g"])
     try:
         report = bpf.report
+        assert bpf.aggregates and bpf.flush(force=True)  # the flush program loads and runs anywhere
     finally:
         bpf.close()
-    assert len(report) == 12 and bpf.attached == []
+    assert len(report) == 12 and bpf.attached == []  # one row per fentry/fexit program, twins folded in
     assert {r.function for r in report} == {
         "gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "gtp5g_xmit_skb_ipv4",
         "gtp5g_push_header", "pdr_find_by_gtp1u", "policePacket"}
+    shared = module_reason(Host())
+    assert shared and len({r.error for r in report}) == 1  # one reason, said the same way for all
     for r in report:
-        assert (r.loaded, r.attached, r.errno) == (False, False, errno.ESRCH), r
-        assert r.error.startswith(f"{r.function} is not in gtp5g's BTF as a global function")
-        assert "run gtp5g-op patch-module, rebuild, reload" in r.error
+        assert (r.loaded, r.attached, r.errno, r.mechanism) == (False, False, errno.ESRCH, ""), r
+        assert r.error == shared
         assert f"failed to find kernel BTF type ID of '{r.function}'" in r.detail
+    if not Path("/proc/modules").exists():  # this VM: no module support, so no modprobe advice
+        assert "no module support" in shared and "modprobe" not in shared
 
 
 def test_mixed_object_partial_attach_with_plain_words(objs):
@@ -142,9 +179,14 @@ def test_mixed_object_partial_attach_with_plain_words(objs):
     assert (missing.loaded, missing.attached, missing.errno) == (True, False, errno.ENOENT)
     assert missing.error == "tracepoint syscalls/sys_enter_no_such_syscall does not exist on this kernel"
     fentry = by_name["on_vfs_read"]
-    if not fentry.attached:  # this VM: the kernel refuses fentry even to root
+    assert "on_vfs_read_kprobe" not in by_name  # the twin is folded into its fentry program's row
+    if not fentry.attached:  # this VM: the kernel refuses fentry even to root, and has no kprobes
         assert fentry.errno == errno.EPERM
-        assert "refuses fentry/fexit" in fentry.error
+        assert fentry.error.startswith("fentry: this kernel refuses fentry/fexit programs even to root")
+        if not Host().kprobes_supported:
+            assert fentry.error.endswith("; kprobe: this kernel has no kprobes (CONFIG_KPROBES is off)")
+    else:
+        assert fentry.mechanism in ("fentry", "kprobe")
 
 
 def test_only_the_named_programs(objs):
@@ -161,15 +203,15 @@ def test_libbpf_log_goes_to_logging(objs, caplog):
     assert any("libbpf:" in rec.getMessage() and "no_tracepoint" in rec.getMessage() for rec in caplog.records)
 
 
-def test_missing_object_is_an_op_error(tmp_path):
-    with pytest.raises(OpError, match="not found"):
+def test_missing_object_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match="not found"):
         BpfObject(tmp_path / "none.bpf.o").open()
 
 
 def test_not_a_bpf_object(tmp_path):
     bogus = tmp_path / "bogus.bpf.o"
     bogus.write_bytes(b"not an ELF file")
-    with pytest.raises(OpError, match="libbpf cannot open"):
+    with pytest.raises(UsageError, match="bogus.bpf.o is not a BPF object libbpf can open"):
         BpfObject(bogus).open()
 
 
@@ -177,10 +219,99 @@ def test_explain_in_plain_words(monkeypatch):
     monkeypatch.setattr(bpf_loader.os, "geteuid", lambda: 1000)  # as a user without privileges
     assert explain(errno.EPERM, "fentry", "x", "load") == "not permitted: run as root or with CAP_BPF+CAP_PERFMON"
     monkeypatch.setattr(bpf_loader.os, "geteuid", lambda: 0)
-    assert "more arguments" in explain(errno.E2BIG, "fexit", "ip4_find_route", "load")
-    assert "not supported" in explain(bpf_loader.ENOTSUPP, "fexit", "f", "attach")
     assert "EINVAL" in explain(errno.EINVAL, "tp", "a/b", "load", "bad ctx")
     assert explain(errno.ENOMEM, "tp", "a/b", "attach") == "attach failed with ENOMEM (Cannot allocate memory)"
+
+
+# --- the reasons for gtp5g's functions, decided from a stand-in /proc and /sys -----------------
+# A test double: gtp5g cannot be loaded on this machine (no module support). The BTF files are real
+# BTF, parsed by libbpf itself (btf__parse_raw_split) as the loader does on a real host.
+def _btf(funcs: list[tuple[str, int, int]], base_str_len: int = 0, base_types: int = 0) -> bytes:
+    """BTF with one INT, then per function a FUNC_PROTO of ``nargs`` int parameters and a FUNC."""
+    strings = b"\0int\0a\0"
+    types = struct.pack("<III", base_str_len + 1, 1 << 24, 4) + struct.pack("<I", 32)
+    int_id, next_id = base_types + 1, base_types + 2
+    for name, linkage, nargs in funcs:
+        off = len(strings)
+        strings += name.encode() + b"\0"
+        types += struct.pack("<III", 0, (13 << 24) | nargs, int_id)
+        types += b"".join(struct.pack("<II", base_str_len + 5, int_id) for _ in range(nargs))
+        types += struct.pack("<III", base_str_len + off, (12 << 24) | linkage, next_id)
+        next_id += 2
+    header = struct.pack("<HBBIIIII", 0xEB9F, 1, 0, 24, 0, len(types), len(types), len(strings))
+    return header + types + strings
+
+
+KALLSYMS = "".join(f"ffffffffc0a0{i:04x} t {fn}\t[gtp5g]\n" for i, fn in enumerate(
+    ("gtp5g_encap_recv", "ip4_find_route", "pdr_find_by_gtp1u", "gtp5g_push_header")))
+
+
+def _host(tmp_path: Path, modules: bool = True, loaded: bool = True, btf: bool = True,
+          funcs: list[tuple[str, int, int]] = (), kprobes: bool = True, lockdown: str = "none") -> Host:
+    proc, sys_ = tmp_path / "proc", tmp_path / "sys"
+    (sys_ / "kernel/btf").mkdir(parents=True)
+    (sys_ / "kernel/security").mkdir(parents=True)
+    proc.mkdir()
+    base = _btf([("schedule", 1, 0)])
+    (sys_ / "kernel/btf/vmlinux").write_bytes(base)
+    (sys_ / "kernel/security/lockdown").write_text(
+        " ".join(f"[{m}]" if m == lockdown else m for m in ("none", "integrity", "confidentiality")) + "\n")
+    if kprobes:
+        (sys_ / "bus/event_source/devices/kprobe").mkdir(parents=True)
+    if modules:
+        (proc / "modules").write_text("gtp5g 151552 0 - Live 0x0\n" if loaded else "udp_tunnel 32768 0 - Live 0x0\n")
+        (proc / "kallsyms").write_text(KALLSYMS if loaded else "")
+    if loaded and btf:
+        (sys_ / "module/gtp5g").mkdir(parents=True)
+        (sys_ / "kernel/btf/gtp5g").write_bytes(
+            _btf(list(funcs), struct.unpack_from("<I", base, 20)[0], base_types=3))
+    return Host(proc=proc, sys=sys_)
+
+
+ROUTE7 = [("ip4_find_route", 1, 7), ("gtp5g_encap_recv", 1, 2), ("pdr_find_by_gtp1u", 0, 5)]
+
+
+def test_host_facts_from_real_btf(tmp_path):
+    host = _host(tmp_path, funcs=ROUTE7)
+    assert host.btf_function("ip4_find_route") == ("global", 7)
+    assert host.btf_function("pdr_find_by_gtp1u") == ("static", 5)
+    assert host.btf_function("policePacket") is None and not host.in_vmlinux("ip4_find_route")
+    assert host.in_kallsyms("ip4_find_route") and not host.in_kallsyms("policePacket")
+    assert host.kprobes_supported and host.lockdown == "none" and host.module_loaded
+
+
+@pytest.mark.parametrize(("setup", "err", "kind", "function", "words"), [
+    # fix (b): ENOTSUPP at attach for a 7-argument function is the argument count, not "unsupported"
+    ({}, bpf_loader.ENOTSUPP, "fexit", "ip4_find_route",
+     "ip4_find_route takes 7 arguments, more than this kernel's BPF trampolines take (6 on x86-64 before Linux 6.6)"),
+    ({}, errno.E2BIG, "fentry", "ip4_find_route", "ip4_find_route takes 7 arguments"),
+    ({}, bpf_loader.ENOTSUPP, "fentry", "gtp5g_encap_recv",
+     "this kernel cannot build a BPF trampoline for gtp5g_encap_recv (524)"),
+    ({}, errno.ESRCH, "fentry", "pdr_find_by_gtp1u",
+     "pdr_find_by_gtp1u is static in gtp5g's BTF (not exported): run gtp5g-op patch-module, rebuild, reload"),
+    ({}, errno.ESRCH, "fentry", "gtp5g_push_header",
+     "gtp5g_push_header is not in gtp5g's BTF: run gtp5g-op patch-module"),
+    ({}, errno.ESRCH, "fentry", "policePacket",
+     "policePacket is not in the loaded gtp5g (absent from /proc/kallsyms): inlined by the compiler, or not in "
+     "this gtp5g release (policePacket needs v0.9.0+)"),
+    ({"btf": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv", "gtp5g is loaded without BTF"),
+    ({"loaded": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv", "gtp5g is not loaded: load it (modprobe gtp5g"),
+    ({"modules": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv",
+     "this kernel has no module support (CONFIG_MODULES is off: no /proc/modules), so gtp5g cannot be loaded here"),
+    ({"kprobes": False}, errno.ENOENT, "kprobe", "ip4_find_route", "this kernel has no kprobes (CONFIG_KPROBES is off)"),
+    ({"lockdown": "confidentiality"}, errno.EPERM, "kprobe", "ip4_find_route",
+     "kernel lockdown (confidentiality) forbids this kprobe program"),
+    ({}, errno.EPERM, "fentry", "gtp5g_encap_recv", "this kernel refuses fentry/fexit programs even to root (EPERM"),
+    ({"btf": False}, errno.ENOENT, "kprobe", "gtp5g_encap_recv",
+     "the kernel cannot put a kprobe on gtp5g_encap_recv (ENOENT)"),  # kprobes need no BTF
+])
+def test_the_true_reason_per_function(tmp_path, monkeypatch, setup, err, kind, function, words):
+    monkeypatch.setattr(bpf_loader.os, "geteuid", lambda: 0)
+    why = explain(err, kind, function, "attach", "", _host(tmp_path, funcs=ROUTE7, **setup))
+    assert why.startswith(words), why
+    assert "programs are not supported" not in why
+    if setup.get("modules") is False:
+        assert "modprobe" not in why
 
 
 def test_pick_detail_prefers_the_verifier_verdict():
@@ -192,3 +323,97 @@ def test_pick_detail_prefers_the_verifier_verdict():
     assert pick_detail("q", ["libbpf: prog 'q': failed to find kernel BTF type ID of 'f': -3",
                              "libbpf: prog 'q': failed to load: -3"]) == \
         "prog 'q': failed to find kernel BTF type ID of 'f': -3"
+
+
+class _Collector:
+    """Reads an instance pipe in a thread; parsed lines about one thread, with their arrival time."""
+
+    def __init__(self, pipe: Path):
+        self.events: list[tuple[float, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(pipe,), daemon=True)
+        self._thread.start()
+
+    def _run(self, pipe: Path) -> None:
+        rest = b""
+        for chunk in tail(pipe, self._stop, poll_seconds=0.05):
+            now = time.monotonic()
+            *lines, rest = (rest + chunk).split(b"\n")
+            self.events += [(now, ev) for ev in map(parse_line, lines) if ev and (ev.hook or "").startswith("aggtest/")]
+
+    def about(self, tid: int) -> list:
+        return [ev for _, ev in self.events if ev.subject_pid == tid]
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(2)
+
+
+def _calls_in_thread(n: int, name: str = "gtp5g-op-agg", pause: float = 0.0) -> tuple[int, float]:
+    """getppid() ``n`` times in a new thread; (its tid, when its first call was made)."""
+    out: dict = {}
+
+    def work() -> None:
+        ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
+        out["tid"], out["t0"] = threading.get_native_id(), time.monotonic()
+        for _ in range(n):
+            os.getppid()
+            if pause:
+                time.sleep(pause)
+
+    t = threading.Thread(target=work)
+    t.start()
+    t.join()
+    return out["tid"], out["t0"]
+
+
+@host_pids
+def test_aggregation_counts_exactly_prints_a_new_thread_at_once_and_flushes_at_detach(objs):
+    with TraceInstance(f"gtp5g-op-test-agg-{os.getpid()}") as trace:
+        reader = _Collector(trace.pipe)
+        try:
+            with BpfObject(objs["agg"], interval=30.0) as bpf:  # no second line within the test
+                assert bpf.aggregates and bpf.attached == ["agg_getppid"]
+                tid, t0 = _calls_in_thread(5000)
+                assert wait_for(lambda: reader.about(tid), 2.0) is not None, "a new thread prints at once"
+                first_at = next(when for when, ev in reader.events if ev.subject_pid == tid)
+                assert first_at - t0 < 1.0
+                time.sleep(0.3)
+                assert [ev.count for ev in reader.about(tid)] == [1]  # the rest waits in the map
+            # close(): links destroyed, then the flush program printed the 4999 pending events
+            assert wait_for(lambda: sum(ev.count for ev in reader.about(tid)) == 5000, 2.0) is not None
+        finally:
+            reader.stop()
+    lines = reader.about(tid)
+    assert len(lines) == 2 and lines[1].count == 4999
+    flushed = lines[1]
+    assert flushed.rule == 1 and flushed.subject_comm == "gtp5g-op-agg"  # the comm the kernel kept
+    assert flushed.message.startswith("aggtest/sys_enter_getppid: N=4999, TGID=")
+
+
+@host_pids
+def test_aggregation_interval_and_periodic_flush(objs):
+    with TraceInstance(f"gtp5g-op-test-agg2-{os.getpid()}") as trace:
+        reader = _Collector(trace.pipe)
+        try:
+            with BpfObject(objs["agg"], interval=0.2) as bpf:
+                tid, _ = _calls_in_thread(60, pause=0.01)  # about 0.6 s of calls: 3-5 lines, not 60
+                time.sleep(0.3)
+                assert bpf.flush()  # idle for an interval: its residual is printed now
+                assert wait_for(lambda: sum(ev.count for ev in reader.about(tid)) == 60, 2.0) is not None
+                n_lines = len(reader.about(tid))
+                assert 2 <= n_lines <= 8
+                assert bpf.flush(force=True)  # nothing pending: nothing printed
+                time.sleep(0.2)
+                assert len(reader.about(tid)) == n_lines
+            with BpfObject(objs["agg"], interval=0) as bpf:  # 0: one line per event, N=1
+                tid, _ = _calls_in_thread(20)
+                assert wait_for(lambda: len(reader.about(tid)) == 20, 2.0) is not None
+                assert {ev.count for ev in reader.about(tid)} == {1}
+        finally:
+            reader.stop()
+
+
+def test_interval_out_of_range_is_a_usage_error(objs):
+    with pytest.raises(UsageError, match="--interval must be between 0 and 3600"):
+        BpfObject(objs["agg"], interval=-1)

@@ -1,0 +1,222 @@
+#!/usr/bin/env python3
+"""Measure the aggregating tracer on a real gtp5g in a throwaway VM: lines per packet, exact counts, latency.
+
+Host side (default): builds the tracer objects, boots the given kernel under qemu with virtme-ng (the
+host's root file system read-only, TCG; docs/tracer.md, "Measured on a real gtp5g"), and runs this
+script inside with --guest. Guest side: insmod the given gtp5g.ko, load the tracer (every program
+gets its verdict: fentry, or the kprobe twin where the trampoline refuses), create a gtp5g device
+bound to a UDP socket on 127.0.0.1:2152 (rtnetlink), and from threads named nr-gnb send GTP-U
+G-PDUs to it:
+
+* steady: one thread at --rate packets/s for --seconds; lines per packet and the sum of N per hook
+  against the packets sent (after detach, whose flush prints what is pending);
+* new thread: a fresh thread sends one packet; the time from sendto() to its first line in the
+  reader (a private tracefs instance's trace_pipe).
+
+usage: sudo scripts/bench_tracer_vm.py --ko /path/gtp5g.ko [--kernel /boot/vmlinuz-6.1.0-56-amd64]
+needs: root, qemu-system-x86, busybox-static, virtme-ng (pip), a gtp5g.ko with BTF for that kernel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import glob
+import json
+import os
+import shutil
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PORT = 2152
+
+
+# --- guest ---------------------------------------------------------------------------------------
+def _nla(kind: int, payload: bytes) -> bytes:
+    body = struct.pack("HH", 4 + len(payload), kind) + payload
+    return body + b"\0" * (-len(body) % 4)
+
+
+def create_gtp5g_device(name: str, fd: int) -> None:
+    """RTM_NEWLINK of kind gtp5g bound to the UDP socket ``fd`` (IFLA_GTP5G_FD1, PDR_HASHSIZE, ROLE)."""
+    data = _nla(1, struct.pack("I", fd)) + _nla(2, struct.pack("I", 1024)) + _nla(3, struct.pack("I", 0))
+    linkinfo = _nla(1, b"gtp5g\0") + _nla(2 | 0x8000, data)
+    attrs = _nla(3, name.encode() + b"\0") + _nla(18 | 0x8000, linkinfo)
+    ifi = struct.pack("BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0)
+    flags = 0x1 | 0x4 | 0x400 | 0x200  # REQUEST, ACK, CREATE, EXCL
+    msg = struct.pack("IHHII", 16 + len(ifi) + len(attrs), 16, flags, 1, 0) + ifi + attrs
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0) as nl:  # NETLINK_ROUTE
+        nl.send(msg)
+        reply = nl.recv(65536)
+    err = struct.unpack_from("i", reply, 16)[0]
+    if err:
+        raise OSError(-err, f"creating gtp5g device {name}: {os.strerror(-err)}")
+    subprocess.run(["ip", "link", "set", name, "up"], check=True)
+
+
+def gpdu(teid: int, payload: bytes = b"\x45" + b"\0" * 27) -> bytes:
+    """A GTP-U G-PDU: flags 0x30 (v1, PT), type 0xff, length, TEID."""
+    return struct.pack("!BBHI", 0x30, 0xFF, len(payload), teid) + payload
+
+
+def _name_thread(name: bytes) -> None:
+    ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
+
+
+def guest(args: argparse.Namespace) -> dict:
+    from gtp5g_op.kernel.bpf_loader import BpfObject
+    from gtp5g_op.trace.parser import parse_line
+    from gtp5g_op.trace.tracefs import TraceInstance, tail
+
+    t0 = time.monotonic()
+    deps = subprocess.run(["modinfo", "-F", "depends", args.ko], capture_output=True, text=True).stdout
+    for dep in filter(None, deps.strip().split(",")):
+        subprocess.run(["modprobe", dep], check=True)
+    subprocess.run(["insmod", args.ko], check=True)
+    doc: dict = {"kernel": os.uname().release, "insmod_s": round(time.monotonic() - t0, 2)}
+    dmesg = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
+    doc["module_btf"] = os.path.exists("/sys/kernel/btf/gtp5g")
+    doc["dmesg_btf"] = [ln for ln in dmesg.splitlines() if "BTF" in ln and "gtp5g" in ln][-3:]
+    arrivals: list[tuple[float, bytes]] = []
+    with TraceInstance(f"gtp5g-op-vmbench-{os.getpid()}", buffer_kb=4096) as inst:
+        stop = threading.Event()
+
+        def read() -> None:
+            rest = b""
+            for chunk in tail(inst.pipe, stop):
+                now = time.monotonic()
+                *lines, rest = (rest + chunk).split(b"\n")
+                arrivals.extend((now, ln) for ln in lines)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        t1 = time.monotonic()
+        bpf = BpfObject(args.obj, interval=args.interval).open()
+        doc["load_attach_s"] = round(time.monotonic() - t1, 2)
+        doc["programs"] = [{k: r.to_dict()[k] for k in ("name", "function", "kind", "attached", "mechanism",
+                                                           "fallback", "error")} for r in bpf.report]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind(("127.0.0.1", PORT))
+        create_gtp5g_device("gtp5gbench", sock.fileno())
+        sent: dict[int, int] = {}
+        marks: dict[int, float] = {}
+
+        def sender(rate: float, seconds: float, count: int | None = None) -> None:
+            _name_thread(b"nr-gnb")
+            tid = threading.get_native_id()
+            out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            pkt = gpdu(0x1234)
+            n, start = 0, time.monotonic()
+            marks[tid] = start
+            while (count is None and time.monotonic() - start < seconds) or (count is not None and n < count):
+                due = int((time.monotonic() - start) * rate) + 1 if count is None else n + 1
+                while n < due and (count is None or n < count):
+                    out.sendto(pkt, ("127.0.0.1", PORT))
+                    n += 1
+                time.sleep(0.001)
+            sent[tid] = n
+            out.close()
+
+        steady = threading.Thread(target=sender, args=(args.rate, args.seconds))
+        steady.start()
+        steady.join()
+        time.sleep(0.5)
+        fresh = threading.Thread(target=sender, args=(1.0, 0.0, 1))
+        fresh.start()
+        fresh.join()
+        time.sleep(1.0)
+        t2 = time.monotonic()
+        bpf.close()  # detach, then flush every pending count into the pipe
+        doc["detach_flush_s"] = round(time.monotonic() - t2, 3)
+        time.sleep(1.0)
+        stop.set()
+        reader.join(5)
+        sock.close()
+        doc["overruns"] = inst.overruns()
+    subprocess.run(["ip", "link", "del", "gtp5gbench"], check=False)
+    per: dict[int, dict] = {}
+    for when, raw in arrivals:
+        ev = parse_line(raw)
+        if ev is None or ev.subject_pid not in sent or not ev.hook:
+            continue
+        row = per.setdefault(ev.subject_pid, {"lines": 0, "events": {}, "first_line_at": when})
+        row["lines"] += 1
+        row["events"][ev.hook] = row["events"].get(ev.hook, 0) + ev.count
+    tids = list(sent)
+    steady_tid, fresh_tid = tids[0], tids[1]
+    s = per.get(steady_tid, {"lines": 0, "events": {}})
+    doc["steady"] = {
+        "packets": sent[steady_tid], "seconds": args.seconds,
+        "packets_per_s": round(sent[steady_tid] / args.seconds),
+        "lines": s["lines"], "lines_per_packet": round(s["lines"] / max(sent[steady_tid], 1), 5),
+        "events_per_hook": s["events"],
+        "counts_exact": bool(s["events"]) and all(v == sent[steady_tid] for v in s["events"].values()),
+    }
+    f = per.get(fresh_tid)
+    doc["new_thread"] = {
+        "packets": sent[fresh_tid],
+        "events_per_hook": f["events"] if f else {},
+        "first_line_ms": round((f["first_line_at"] - marks[fresh_tid]) * 1000, 1) if f else None,
+    }
+    doc["interval_s"] = args.interval
+    return doc
+
+
+# --- host ----------------------------------------------------------------------------------------
+def host(args: argparse.Namespace) -> None:
+    from gtp5g_op.kernel.tracer_build import build_tracer
+
+    vng = shutil.which("vng") or str(Path(sys.executable).parent / "vng")
+    if not os.path.exists(vng):
+        sys.exit("bench: virtme-ng is not installed; fix: pip install virtme-ng")
+    work = Path(tempfile.mkdtemp(prefix="gtp5g-op-vmbench-", dir=ROOT / ".cache" if (ROOT / ".cache").is_dir() else None))
+    obj = build_tracer(work / "tracer", module_btf=None)["gtp5g"]
+    result = work / "result.json"
+    inner = [sys.executable, str(Path(__file__).resolve()), "--guest", "--ko", str(Path(args.ko).resolve()),
+             "--obj", str(obj), "--result", str(result), "--rate", str(args.rate), "--seconds", str(args.seconds),
+             "--interval", str(args.interval)]
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
+    t0 = time.monotonic()
+    proc = subprocess.run([vng, "-r", args.kernel, "--force-9p", "--disable-kvm", "--memory", "2G", "--cpus", "2",
+                           "--rwdir", str(work), "-e", " ".join(inner)], env=env, capture_output=True, text=True,
+                          timeout=args.timeout)
+    if not result.is_file():
+        sys.exit(f"bench: the guest run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-3000:]}")
+    doc = json.loads(result.read_text())
+    doc["vm_wall_s"] = round(time.monotonic() - t0, 1)
+    print(json.dumps(doc, indent=1))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--ko", required=True, help="gtp5g.ko built with BTF for the guest kernel")
+    ap.add_argument("--kernel", default=(sorted(glob.glob("/boot/vmlinuz-6.1*")) or ["/boot/vmlinuz"])[-1])
+    ap.add_argument("--rate", type=float, default=1000.0, help="packets/s of the steady thread")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--interval", type=float, default=1.0, help="the tracer's line interval (s)")
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--obj", help=argparse.SUPPRESS)
+    ap.add_argument("--result", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench: needs root; fix: run with sudo")
+    if args.guest:
+        try:
+            doc = guest(args)
+        except BaseException as exc:  # the host reads the reason from the result file
+            doc = {"error": repr(exc)}
+        Path(args.result).write_text(json.dumps(doc))
+    else:
+        host(args)
+
+
+if __name__ == "__main__":
+    main()
