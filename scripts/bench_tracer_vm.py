@@ -166,6 +166,9 @@ def guest(args: argparse.Namespace) -> dict:
         "first_line_ms": round((f["first_line_at"] - marks[fresh_tid]) * 1000, 1) if f else None,
     }
     doc["interval_s"] = args.interval
+    table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
+                           capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
+    doc["tracer_run_table"] = table.stdout + table.stderr
     return doc
 
 

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from conftest import host_pids, require_root
 
 from gtp5g_op.cli import main
-from gtp5g_op.kernel.bpf_loader import GTP5G_BTF
+from gtp5g_op.kernel.bpf_loader import GTP5G_BTF, Host, module_reason
 from gtp5g_op.kernel.tracer_build import KERNEL_BTF
 
 
@@ -64,10 +64,29 @@ def test_run_reports_every_gtp5g_function_and_fails_when_none_attach(build_dir):
                                        "--json"])
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
-    assert doc["attached"] == 0 and len(doc["programs"]) == 12
-    assert all("patch-module" in p["error"] for p in doc["programs"])
+    assert doc["attached"] == 0 and len(doc["programs"]) == 12 and doc["aggregates"] and doc["interval"] == 1.0
+    assert len({p["error"] for p in doc["programs"]}) == 1 and all(p["mechanism"] == "" for p in doc["programs"])
+    if not Path("/proc/modules").exists():  # no module support: modprobe would be wrong advice
+        assert all("no module support" in p["error"] and "modprobe" not in p["error"] for p in doc["programs"])
     assert result.stderr.strip() == ("gtp5g-op: error: no tracer program attached; "
                                      "fix: see why in the report above")
+
+
+def test_run_table_fits_80_columns_and_says_a_shared_reason_once(build_dir):
+    require_root("loading BPF programs")
+    if GTP5G_BTF.exists():
+        pytest.skip("gtp5g is loaded here: the programs may attach")
+    result = CliRunner().invoke(main, ["tracer", "run", "--build-dir", str(build_dir), "--duration", "0"],
+                                env={"COLUMNS": "80"})
+    assert result.exit_code == 1
+    lines = result.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, result.stdout
+    reason = module_reason(Host())
+    assert result.stdout.count("[1]") == 13 and "[2]" not in result.stdout  # 12 rows + the one note
+    assert " ".join(result.stdout.rsplit("[1] ", 1)[1].split()) == reason
+    for fn in ("fentry/gtp5g_encap_recv", "fexit/ip4_find_route", "fentry/gtp5g_handle_skb_ipv4",
+               "fexit/policePacket"):
+        assert any(line.startswith(f"│ {fn} ") for line in lines), fn  # hook names never cut
 
 
 def test_run_holds_an_attachable_object_until_the_duration(build_dir):
@@ -75,15 +94,62 @@ def test_run_holds_an_attachable_object_until_the_duration(build_dir):
     obj = build_dir / "selftest.bpf.o"
     result = CliRunner().invoke(main, ["tracer", "run", "--obj", str(obj), "--duration", "0.3"])
     assert result.exit_code == 0, result.output
-    assert "selftest_getppid_enter" in result.stdout and "2 of 2 programs attached" in result.stderr
+    assert "syscalls/sys_enter_getppid" in result.stdout and "2 of 2 programs attached" in result.stderr
 
 
-def test_run_one_unknown_program_is_an_error(build_dir):
+@host_pids
+def test_run_selftest_probe_stays_attached_while_a_watch_reads(build_dir, tmp_path):
+    """docs/live.md's walkthrough without a 5G core: tracer run --selftest-probe + workload + watch."""
+    require_root("loading BPF programs")
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, XDG_CACHE_HOME=str(build_dir.parent.parent))
+    probe = subprocess.Popen([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--selftest-probe",
+                              "--build-dir", str(build_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    try:
+        deadline = time.monotonic() + 20
+        line = ""
+        while "programs attached" not in line and time.monotonic() < deadline:
+            line = probe.stderr.readline()
+            assert line or probe.poll() is None, probe.stdout.read()
+        assert "2 of 2 programs attached" in line
+        load = subprocess.Popen([sys.executable, "-m", "gtp5g_op.kernel.workload", "--name", "nr-gnb",
+                                 "--threads", "2", "--rate", "50", "--duration", "6"], stdout=subprocess.PIPE)
+        watch = subprocess.run([sys.executable, "-m", "gtp5g_op", "watch", "--json", "--duration", "3",
+                                "--instance", f"gtp5g-op-test-walk-{os.getpid()}"],
+                               capture_output=True, text=True, timeout=60)
+        load.wait(20)
+        assert watch.returncode == 0, watch.stderr
+        doc = json.loads(watch.stdout)
+        procs = [p for p in doc["processes"] if p["comm"] == "nr-gnb" and p["tgid"] == load.pid]
+        assert procs and all(p["valid"] for p in procs), doc
+    finally:
+        probe.terminate()
+        assert probe.wait(10) == 0
+
+
+def test_run_one_unknown_program_is_a_usage_error(build_dir):
     require_root("loading BPF programs")
     result = CliRunner().invoke(main, ["tracer", "run", "--build-dir", str(build_dir), "--program", "nope",
                                        "--duration", "0"])
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert result.stderr.startswith("gtp5g-op: error: no program named nope")
+    assert len(result.stderr.splitlines()) == 1
+
+
+def test_run_a_file_that_is_no_bpf_object_is_a_usage_error(build_dir, fixtures_dir):
+    require_root("loading BPF programs")
+    trace = next((fixtures_dir / "traces").glob("*.trace"))
+    result = CliRunner().invoke(main, ["tracer", "run", "--obj", str(trace), "--duration", "0"])
+    assert result.exit_code == 2
+    assert result.stderr == (f"gtp5g-op: error: {trace} is not a BPF object libbpf can open (BPF object format "
+                             "invalid); fix: pass the gtp5g.bpf.o that gtp5g-op build tracer made, or rebuild it\n")
+    both = CliRunner().invoke(main, ["tracer", "run", "--obj", str(trace), "--selftest-probe"])
+    assert both.exit_code == 2 and both.stderr.startswith("gtp5g-op: error: --selftest-probe and --obj")
 
 
 def test_build_without_clang_is_one_line_with_the_fix(tmp_path, monkeypatch):

@@ -6,40 +6,61 @@ from __future__ import annotations
 import json
 import signal
 import threading
+import time
 from pathlib import Path
 from typing import Iterable
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.table import Table
+from rich.text import Text
 
-from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
-from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
+from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
+from gtp5g_op.kernel.bpf_loader import DEFAULT_INTERVAL, MAX_INTERVAL, BpfObject, ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_selftest
 from gtp5g_op.kernel.tracer_build import build_tracer as build_objects
-from gtp5g_op.kernel.tracer_build import default_out_dir
+from gtp5g_op.kernel.tracer_build import default_out_dir, ensure_built
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _OBJ = click.Path(dir_okay=False, exists=True, path_type=Path)
 
 
-def report_table(results: Iterable[ProgramResult]) -> Table:
-    """The per-program verdicts as a rich table (also used by ``watch --with-tracer``)."""
-    table = Table(title="BPF programs", title_justify="left")
-    for col in ("hook", "program", "attached", "why not"):
-        table.add_column(col, overflow="fold")
+def report_table(results: Iterable[ProgramResult]) -> Group:
+    """The per-program verdicts, readable at 80 columns (also used by ``watch --with-tracer``).
+
+    One row per hook: how it attached (``via``: fentry, fexit, kprobe, kretprobe, tp) or ``-``; a
+    reason is printed once below the table and referred to by number, however many rows share it.
+    """
+    results = list(results)
+    table = Table(title=f"BPF programs: {sum(r.attached for r in results)} of {len(results)} attached",
+                  title_justify="left")
+    table.add_column("hook", no_wrap=True)
+    table.add_column("via", no_wrap=True)
+    table.add_column("note", no_wrap=True)
+    reasons: dict[str, int] = {}
     for r in results:
-        table.add_row(f"{r.kind}/{r.function}", r.name, "[green]yes[/]" if r.attached else "[red]no[/]",
-                      r.error)
-    return table
+        why = r.error if not r.attached else (f"{r.kind} refused, {r.mechanism} used: {r.fallback}" if r.fallback else "")
+        ref = f"[{reasons.setdefault(why, len(reasons) + 1)}]" if why else ""
+        via = Text(r.mechanism, style="green") if r.attached else Text("-", style="red")
+        table.add_row(Text(f"{r.kind}/{r.function}" if r.kind != "tp" else r.function), via, Text(ref))
+    notes = [Text(f"[{n}] {why}") for why, n in reasons.items()]
+    return Group(table, *notes)
 
 
-def _wait_for_signal(duration: float | None) -> None:
-    """Block until SIGINT/SIGTERM, or ``duration`` seconds."""
+def _wait_for_signal(duration: float | None, bpf: BpfObject | None = None, every: float = DEFAULT_INTERVAL) -> None:
+    """Block until SIGINT/SIGTERM, or ``duration`` seconds; meanwhile flush ``bpf``'s idle counts ``every`` s."""
     done = threading.Event()
     old = {sig: signal.signal(sig, lambda *_: done.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deadline = None if duration is None else time.monotonic() + duration
     try:
-        done.wait(duration)
+        while not done.is_set():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            if done.wait(every if left is None else min(every, left)):
+                break
+            if bpf is not None and bpf.aggregates:
+                bpf.flush()
     finally:
         for sig, handler in old.items():
             signal.signal(sig, handler)
@@ -54,6 +75,7 @@ def tracer() -> None:
       gtp5g-op tracer selftest            # BPF load, bpf_printk, instance pipe, parser
       gtp5g-op tracer run                 # attach to gtp5g until Ctrl-C
       gtp5g-op tracer run --duration 60 --json
+      gtp5g-op tracer run --selftest-probe  # keep the selftest probe attached (no gtp5g needed)
     """
 
 
@@ -62,28 +84,45 @@ def tracer() -> None:
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
+@click.option("--interval", type=click.FloatRange(0, MAX_INTERVAL), metavar="SECONDS",
+              help=f"At most one line per thread and hook this often, with the count since the last "
+                   f"(N=); 0 prints every event. [default: {DEFAULT_INTERVAL:g}]")
+@click.option("--selftest-probe", is_flag=True,
+              help="Attach the selftest probe (getppid tracepoints, any host) instead of the gtp5g tracer.")
 @click.option("--duration", type=click.FloatRange(min=0),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
 @cli_errors
-def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], duration: float | None,
-        as_json: bool) -> None:
+def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], interval: float | None,
+        selftest_probe: bool, duration: float | None, as_json: bool) -> None:
     """Load the tracer, attach every program, hold until SIGINT/SIGTERM (or --duration), detach.
 
-    Prints one verdict per program with the reason in plain words; exits 1 when nothing attached.
-    Read the lines with `gtp5g-op watch`, or use `watch --with-tracer` to do both in one process.
+    Each gtp5g function is traced by fentry/fexit, or by a kprobe/kretprobe where the kernel's
+    trampoline refuses it; the report names the mechanism per hook and, for every failure, the
+    reason in plain words. Exits 1 when nothing attached. Read the lines with `gtp5g-op watch`,
+    or use `watch --with-tracer` to do both in one process. On detach the counts still pending
+    in the kernel are printed, so no event is lost.
 
     \b
     Examples:
       gtp5g-op tracer run
       gtp5g-op tracer run --program gtp5g_encap_recv_entry --duration 30
       gtp5g-op tracer run --json --duration 0    # just report what attaches
+      gtp5g-op tracer run --interval 0           # one line per event (no aggregation)
+      gtp5g-op tracer run --selftest-probe       # for watch on a host without gtp5g (docs/live.md)
     """
-    bpf = open_tracer(obj, build_dir, programs or None)
+    if selftest_probe:
+        if obj is not None:
+            raise UsageError("--selftest-probe and --obj both name the object to load", "give one of them")
+        obj = ensure_built(build_dir)["selftest"]
+    bpf = open_tracer(obj, build_dir, programs or None, interval=interval)
     try:
         report = bpf.report
         if as_json:
-            click.echo(json.dumps({"attached": len(bpf.attached), "programs": [r.to_dict() for r in report]}))
+            click.echo(json.dumps({"attached": len(bpf.attached), "aggregates": bpf.aggregates,
+                                   "interval": (DEFAULT_INTERVAL if interval is None else interval)
+                                   if bpf.aggregates else None,
+                                   "programs": [r.to_dict() for r in report]}))
         else:
             Console().print(report_table(report))
         if not bpf.attached:
@@ -91,7 +130,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
         if not as_json:
             click.echo(f"{len(bpf.attached)} of {len(report)} programs attached; "
                        + ("Ctrl-C to detach" if duration is None else f"detaching in {duration:g}s"), err=True)
-        _wait_for_signal(duration)
+        _wait_for_signal(duration, bpf, every=interval or DEFAULT_INTERVAL)
     finally:
         bpf.close()
 
