@@ -10,6 +10,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -418,3 +419,44 @@ def test_aggregation_interval_and_periodic_flush(objs):
 def test_interval_out_of_range_is_a_usage_error(objs):
     with pytest.raises(UsageError, match="--interval must be between 0 and 3600"):
         BpfObject(objs["agg"], interval=-1)
+
+
+HELPER = r"""
+import ctypes, os, sys
+ctypes.CDLL(None).prctl(15, b"nr-gnb", 0, 0, 0)
+sys.stdin.readline()
+n = int(sys.argv[1])
+for _ in range(n):
+    os.getppid()
+print(n, flush=True)
+sys.stdin.readline()
+"""
+
+
+@host_pids
+def test_watch_counts_every_event_of_an_aggregating_tracer_including_the_final_flush(objs):
+    """Real kernel lines through a real watch: the first line at once (N=1), the rest flushed at detach."""
+    from gtp5g_op.trace.watch import WatchOptions, run_watch
+
+    helper = subprocess.Popen([sys.executable, "-c", HELPER, "2000"], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    name = f"gtp5g-op-test-aggwatch-{os.getpid()}"
+    out: dict = {}
+    watcher = threading.Thread(target=lambda: out.update(
+        result=run_watch(WatchOptions(instance=name, duration=5.0, threads=False))))
+    try:
+        watcher.start()
+        assert wait_for(lambda: Path(f"/sys/kernel/tracing/instances/{name}/trace_pipe").exists(), 5.0) is not None
+        with BpfObject(objs["agg"], interval=30.0):
+            helper.stdin.write("go\n")
+            helper.stdin.flush()
+            assert helper.stdout.readline().strip() == "2000"
+            time.sleep(0.3)
+        watcher.join(15)
+    finally:
+        helper.stdin.close()
+        helper.wait(5)
+    report = out["result"].report
+    mine = [p for p in report["processes"] if p["pid"] == helper.pid]
+    assert len(mine) == 1 and mine[0]["comm"] == "nr-gnb" and mine[0]["valid"], report
+    assert mine[0]["events"] == 2000

@@ -130,5 +130,5 @@ def test_with_tracer_says_why_nothing_attached_here(tmp_path):
     assert res.returncode == 3
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "no gtp5g tracer program attached" in lines[0] and "fix:" in lines[0]
-    assert "gtp5g_encap_recv" in lines[0] or "fentry" in lines[0]
+    assert "gtp5g" in lines[0] and "other reasons" not in lines[0]  # all 12 share one reason here
     assert not (INSTANCE_ROOT / "gtp5g-op-e2e-tracer").exists()

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import host_pids, require_root
+from conftest import host_pids, require_root, wait_for
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 from gtp5g_op.trace.tracefs import (
@@ -314,6 +314,57 @@ def test_tail_fifo_partial_lines_and_pauses_without_busy_waiting(tmp_path):
     assert b"".join(chunks) == b"nr-gnb-1 [000] ..... 1.0: bpf_trace_printk: partial\nsecond line\n"
     assert len(chunks) >= 2
     assert info["cpu"] < 0.15, f"tail used {info['cpu']:.3f} s CPU over ~1.7 s of mostly idle wall time"
+
+
+def _writer(fifo: Path, lines: int, gap: float) -> threading.Thread:
+    def run() -> None:
+        with open(fifo, "wb", buffering=0) as w:
+            for i in range(lines):
+                w.write(b"line %d\n" % i)
+                time.sleep(gap)
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    return t
+
+
+def test_tail_batches_reads_without_losing_bytes(tmp_path):
+    """batch_seconds: one chunk per window instead of one per write, every byte kept, order kept."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    expected = b"".join(b"line %d\n" % i for i in range(60))
+    got = {}
+    for batch in (0.0, 0.25):
+        stop = threading.Event()
+        t, chunks, _ = collect(fifo, stop, batch_seconds=batch)
+        _writer(fifo, 60, 0.01).join(5)
+        t.join(3)
+        assert b"".join(chunks) == expected
+        got[batch] = len(chunks)
+    assert got[0.0] >= 30  # about one chunk per write
+    assert got[0.25] <= 6  # about 0.7 s of writes in 0.25 s windows
+
+
+def test_tail_batch_bounds_the_first_line_delay_and_size(tmp_path):
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    stop = threading.Event()
+    arrivals: list[tuple[float, int]] = []
+
+    def run() -> None:
+        for chunk in tail(fifo, stop, batch_seconds=0.2, batch_bytes=64):
+            arrivals.append((time.monotonic(), len(chunk)))
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    with open(fifo, "wb", buffering=0) as w:
+        sent = time.monotonic()
+        w.write(b"x" * 10 + b"\n")
+        assert wait_for(lambda: arrivals, 2.0) is not None
+        assert arrivals[0][0] - sent < 0.6  # at most the window, plus slack for a loaded host
+        w.write(b"y" * 200)
+    t.join(3)
+    assert sum(n for _, n in arrivals) == 211 and max(n for _, n in arrivals) <= 64
 
 
 def test_tail_honours_stop_quickly(tmp_path):

@@ -39,7 +39,7 @@ def report_table(results: Iterable[ProgramResult]) -> Group:
     table.add_column("note", no_wrap=True)
     reasons: dict[str, int] = {}
     for r in results:
-        why = r.error if not r.attached else (f"{r.kind} refused, {r.mechanism} used: {r.fallback}" if r.fallback else "")
+        why = r.error if not r.attached else (f"fentry/fexit refused, kprobes used: {r.fallback}" if r.fallback else "")
         ref = f"[{reasons.setdefault(why, len(reasons) + 1)}]" if why else ""
         via = Text(r.mechanism, style="green") if r.attached else Text("-", style="red")
         table.add_row(Text(f"{r.kind}/{r.function}" if r.kind != "tp" else r.function), via, Text(ref))

@@ -37,6 +37,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--speed", type=float, callback=_positive, help="Replay at this many times the recorded pace.")
 @click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
+@click.option("--tracer-interval", type=click.FloatRange(0, 3600), metavar="SECONDS",
+              help="With --with-tracer: one line per thread and hook this often (0: every event). [default: 1]")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
 @click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
@@ -46,6 +48,8 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
+@click.option("--read-batch", type=click.FloatRange(0, 1), hidden=True,
+              help="Seconds a live read gathers lines (0: the unbatched reader, for comparisons).")
 @click.pass_context
 @cli_errors
 def watch(ctx: click.Context, **kw) -> None:
@@ -103,9 +107,12 @@ def watch(ctx: click.Context, **kw) -> None:
         interval=settings.interval,
         pusher_factory=pusher_factory,
         with_tracer=kw["with_tracer"],
+        tracer_interval=kw["tracer_interval"],
         metrics_port=kw["metrics_port"],
         accelerate=not kw["no_accel"],
     )
+    if kw["read_batch"] is not None:
+        opts.read_batch = kw["read_batch"]
     view = None
     if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
         from gtp5g_op.cli.liveview import LiveView

@@ -27,6 +27,10 @@ log = logging.getLogger(__name__)
 BUNDLED_SAMPLE = "lab-capture.trace.gz"
 READ_CHUNK = 1 << 20
 TICK = 0.2  # seconds between housekeeping rounds while live
+READ_BATCH = 0.1  # seconds a live read gathers lines before handing them on (one wake-up per batch)
+READ_BATCH_BYTES = 1 << 20  # at most this much per batch
+READER_QUEUE = 16  # batches waiting for the parser: bounds memory (16 MiB) if parsing falls behind
+FLUSH_DRAIN = 0.5  # after the tracer's final flush, how long to keep reading its lines
 REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
 PUSH_STOP_WAIT = 5.0  # at exit, how long to wait for a push still in flight before the final one
 
@@ -49,8 +53,10 @@ class WatchOptions:
     interval: float = 10.0
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
+    tracer_interval: float | None = None  # the tracer's aggregation interval (None: its default, 1 s)
     metrics_port: int | None = None
     accelerate: bool = True
+    read_batch: float = READ_BATCH  # seconds a live read gathers lines before handing them on
 
 
 @dataclass
@@ -139,10 +145,15 @@ def paced(chunks: Iterator[bytes], speed: float, stop: threading.Event) -> Itera
 
 
 class LiveReader:
-    """Reads a live pipe in a thread of its own so parsing or pushing never stalls the kernel buffer."""
+    """Reads a live pipe in a thread of its own so parsing or pushing never stalls the kernel buffer.
+
+    ``chunks`` should batch (``tail(..., batch_seconds=READ_BATCH)``): a handful of wake-ups a second
+    instead of one per page read. The reader has its own stop event, so the final lines (e.g. the
+    tracer's flush at detach) can still be read after the watch was told to stop.
+    """
 
     def __init__(self, chunks: Iterator[bytes], stop: threading.Event):
-        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=256)
+        self.queue: queue.Queue[bytes | BaseException | None] = queue.Queue(maxsize=READER_QUEUE)
         self._chunks = chunks
         self._stop = stop
         self.thread = threading.Thread(target=self._run, name="trace-reader", daemon=True)
@@ -161,7 +172,13 @@ class LiveReader:
     def close(self, timeout: float = 2.0) -> None:
         """Stop reading and wait for the thread to let go of the pipe."""
         self._stop.set()
-        self.thread.join(timeout)
+        while self.thread.is_alive():  # a full queue must not keep the thread from seeing the stop
+            with contextlib.suppress(queue.Empty):
+                self.queue.get_nowait()
+            self.thread.join(min(timeout, 0.05))
+            timeout -= 0.05
+            if timeout <= 0:
+                break
 
     def get(self, timeout: float) -> bytes | None:
         """The next chunk; b"" when nothing came within ``timeout``; None at the end of input."""
@@ -255,16 +272,17 @@ def _push_status(pusher: Any, ok: bool) -> dict:
     return doc
 
 
-def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
-    """Load and attach the bundled gtp5g tracer until the watch ends; its per-program report."""
+def _load_tracer(stack: contextlib.ExitStack, interval: float | None = None) -> Any:
+    """Load and attach the bundled gtp5g tracer until the watch ends; the loaded BpfObject."""
     from gtp5g_op.kernel.bpf_loader import open_tracer
 
-    bpf = open_tracer()
+    bpf = open_tracer(interval=interval)
     stack.callback(bpf.close)
-    results = [r.to_dict() for r in bpf.report]
     if not bpf.attached:
-        failed = [r for r in bpf.report if r.error]
-        why = f"{failed[0].error} (and {len(failed) - 1} more)" if failed else "the object has no programs"
+        reasons = list(dict.fromkeys(r.error for r in bpf.report if r.error))
+        why = reasons[0] if reasons else "the object has no programs"
+        if len(reasons) > 1:
+            why += f" (and {len(reasons) - 1} other reasons)"
         raise EnvironmentProblem(
             f"no gtp5g tracer program attached: {why}",
             "`gtp5g-op tracer run` shows the reason for every function; `gtp5g-op doctor` checks the host",
@@ -272,7 +290,9 @@ def _load_tracer(stack: contextlib.ExitStack) -> list[dict]:
     for r in bpf.report:
         if not r.attached:
             log.warning("tracer: %s not attached: %s", r.function or r.name, r.error)
-    return results
+        elif r.fallback:
+            log.info("tracer: %s attached by %s (%s refused: %s)", r.function, r.mechanism, r.kind, r.fallback)
+    return bpf
 
 
 class _Refresher:
@@ -329,12 +349,18 @@ def _run_live(
         instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb))
         path = instance.pipe
         pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
+    bpf = None
     if opts.with_tracer:
-        pipeline.tracer = _load_tracer(stack)
-    reader = LiveReader(tracefs.tail(path, stop), stop)
+        bpf = _load_tracer(stack, opts.tracer_interval)
+        pipeline.tracer = [r.to_dict() for r in bpf.report]
+    read_stop = threading.Event()
+    reader = LiveReader(tracefs.tail(path, read_stop, batch_seconds=opts.read_batch, batch_bytes=READ_BATCH_BYTES),
+                        read_stop)
     stack.callback(reader.close)  # before the instance goes: removing it needs the pipe closed
     deadline = time.monotonic() + opts.duration if opts.duration else None
     refresh = _Refresher(pipeline, view, instance)
+    flush_every = opts.tracer_interval or 1.0
+    last_flush = time.monotonic()
     while not stop.is_set():
         chunk = reader.get(TICK)
         if chunk is None:
@@ -344,10 +370,18 @@ def _run_live(
         if metrics is not None:
             metrics.mark_read()
         now = time.monotonic()
+        if bpf is not None and bpf.aggregates and now - last_flush >= flush_every:
+            bpf.flush()  # counts of threads idle for an interval: printed now, not at exit
+            last_flush = now
         refresh(now)
         if deadline and now >= deadline:
             break
     stop.set()
+    if bpf is not None:  # detach, then the kernel prints every pending count: read those lines too
+        bpf.detach()
+        end = time.monotonic() + FLUSH_DRAIN
+        while (left := end - time.monotonic()) > 0 and (chunk := reader.get(min(left, TICK))) is not None:
+            pipeline.feed(chunk)
     pipeline.finish()
     pipeline.refresh()
     if instance is not None:
