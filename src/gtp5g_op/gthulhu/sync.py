@@ -14,10 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import fcntl
+import hashlib
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -33,6 +32,7 @@ from gtp5g_op.config import DEFAULT_KNOWN_SELECTORS, Policy, Settings, format_du
 from gtp5g_op.errors import OpError
 from gtp5g_op.gthulhu.legacy import GthulhuClient
 from gtp5g_op.model import Target
+from gtp5g_op.ops.statedir import StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
@@ -55,38 +55,36 @@ def target_strategies(targets: Iterable[Target], policy: Policy) -> list[dict]:
 # --- ownership ------------------------------------------------------------------------------------
 
 
-def default_state_dir() -> Path:
-    """``/run/gtp5g-op`` for root, ``$XDG_RUNTIME_DIR/gtp5g-op`` otherwise, else ``~/.local/state/gtp5g-op``."""
-    if os.geteuid() == 0:
-        return Path("/run/gtp5g-op")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "gtp5g-op" if runtime else Path.home() / ".local/state/gtp5g-op"
-
-
 class OwnershipStore:
     """PIDs this tool put on one API server: ``{"pid": "watch"|"manual"}`` in a JSON file.
 
-    Read-modify-write under an flock on a side ``.lock`` file; written atomically (temp + rename).
-    The file holds the API URL and PIDs only.
+    The file lives in the hardened state directory (``gtp5g_op.ops.statedir``): read-modify-write under
+    the flock ``lock/store-<file>``, written atomically. It holds the API URL and PIDs only.
     """
 
-    def __init__(self, api_url: str, state_dir: Path | None = None):
+    def __init__(self, api_url: str, state_dir: Path | StateDir | None = None):
         self.api_url = api_url.rstrip("/")
-        name = re.sub(r"[^A-Za-z0-9.]+", "_", re.sub(r"^https?://", "", self.api_url)).strip("_")
-        self.path = (state_dir or default_state_dir()) / f"owned-{name}.json"
+        name = re.sub(r"[^A-Za-z0-9.]+", "_", re.sub(r"^https?://", "", self.api_url)).strip("_.")
+        if len(name) > 100:  # a file name has at most 255 bytes: keep it short and still unique
+            name = f"{name[:80]}_{hashlib.sha256(self.api_url.encode()).hexdigest()[:16]}"
+        self.dir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+        self.filename = f"owned-{name or 'api'}.json"
+        self.path = self.dir.path / self.filename
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.dir.lock("store", self.filename):
             yield
 
     def _read(self) -> dict[int, str]:
         try:
-            doc = json.loads(self.path.read_text())
+            data = self.dir.read(self.filename)
+            if data is None:
+                return {}
+            doc = json.loads(data)
             return {int(pid): str(kind) for pid, kind in doc.get("pids", {}).items()}
-        except FileNotFoundError:
+        except StateDirError as exc:
+            log.warning("ignoring ownership file %s: %s", self.path, exc.one_line())
             return {}
         except (ValueError, AttributeError, TypeError):
             log.warning("ignoring unreadable ownership file %s", self.path)
@@ -112,9 +110,7 @@ class OwnershipStore:
             for pid in remove:
                 pids.pop(pid, None)
             doc = {"api_url": self.api_url, "updated": time.time(), "pids": {str(p): k for p, k in sorted(pids.items())}}
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            self.dir.write(self.filename, (json.dumps(doc, indent=1) + "\n").encode())
 
 
 # --- merge ----------------------------------------------------------------------------------------
@@ -332,7 +328,7 @@ class StrategyPusher:
         self._regex_warned: set[str] = set()
         try:
             self._owned = self.store.owned(WATCH)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
     # --- caller side -----------------------------------------------------------------------------
@@ -482,15 +478,14 @@ class StrategyPusher:
     def _save_owned(self) -> None:
         try:
             self.store.change(set_watch=self._owned)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
-    def _store_problem(self, exc: OSError) -> None:
+    def _store_problem(self, exc: StateDirError) -> None:
         if not self._store_warned:
             self._store_warned = True
-            log.warning(
-                "cannot use the ownership file %s (%s): owned PIDs are kept in memory only", self.store.path, exc.strerror or exc
-            )
+            log.warning("cannot use the ownership file %s (%s): owned PIDs are kept in memory only",
+                        self.store.path, exc.one_line())
 
     def _warn_regex_lost(self, names: list[str]) -> None:
         for name in names:
