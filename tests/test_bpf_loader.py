@@ -446,7 +446,9 @@ def test_watch_counts_every_event_of_an_aggregating_tracer_including_the_final_f
         result=run_watch(WatchOptions(instance=name, duration=5.0, threads=False))))
     try:
         watcher.start()
-        assert wait_for(lambda: Path(f"/sys/kernel/tracing/instances/{name}/trace_pipe").exists(), 5.0) is not None
+        enable = Path(f"/sys/kernel/tracing/instances/{name}/events/bpf_trace/bpf_trace_printk/enable")
+        assert wait_for(lambda: enable.exists() and enable.read_text().strip() == "1", 5.0) is not None
+        time.sleep(0.2)  # the watch opens the pipe right after enabling the event
         with BpfObject(objs["agg"], interval=30.0):
             helper.stdin.write("go\n")
             helper.stdin.flush()
