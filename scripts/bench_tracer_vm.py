@@ -11,7 +11,9 @@ G-PDUs to it:
 * steady: one thread at --rate packets/s for --seconds; lines per packet and the sum of N per hook
   against the packets sent (after detach, whose flush prints what is pending);
 * new thread: a fresh thread sends one packet; the time from sendto() to its first line in the
-  reader (a private tracefs instance's trace_pipe).
+  reader (a private tracefs instance's trace_pipe);
+* --downlink: a QER/FAR/PDR session for a UE address (gtp5g's generic netlink) and IP packets routed
+  into the device at --rate for --seconds: the downlink hooks, ip4_find_route's kprobe twins among them.
 
 usage: sudo scripts/bench_tracer_vm.py --ko /path/gtp5g.ko [--kernel /boot/vmlinuz-6.1.0-56-amd64]
 needs: root, qemu-system-x86, busybox-static, virtme-ng (pip), a gtp5g.ko with BTF for that kernel.
@@ -64,6 +66,23 @@ def create_gtp5g_device(name: str, fd: int) -> None:
 def gpdu(teid: int, payload: bytes = b"\x45" + b"\0" * 27) -> bytes:
     """A GTP-U G-PDU: flags 0x30 (v1, PT), type 0xff, length, TEID."""
     return struct.pack("!BBHI", 0x30, 0xFF, len(payload), teid) + payload
+
+
+UE_ADDR = "10.60.0.1"
+
+
+def install_downlink(ifindex: int) -> list[str]:
+    """A downlink session through gtp5g's generic netlink (the VM lab's gtp5gnl): QER, FAR, PDR, route."""
+    try:
+        from gtp5g_op.kernel import gtp5gnl  # type: ignore[attr-defined]
+    except ImportError:  # before the lab module lands: a copy of it on PYTHONPATH
+        import gtp5gnl  # type: ignore[no-redef]
+    with gtp5gnl.Gtp5gGenl() as genl:
+        rules = [genl.add_qer(ifindex, 1, mbr_kbps=10_000_000),
+                 genl.add_far(ifindex, 1, peer="127.0.0.2", teid=0x99),
+                 genl.add_pdr(ifindex, 1, 1, ue_addr=UE_ADDR, qer_id=1, src_intf=gtp5gnl.SRC_INTF_CORE)]
+    subprocess.run(["ip", "route", "add", f"{UE_ADDR}/32", "dev", "gtp5gbench"], check=True)
+    return [f"{r.kind} {r.id}: {r.detail}" for r in rules]
 
 
 def _name_thread(name: bytes) -> None:
@@ -132,6 +151,27 @@ def guest(args: argparse.Namespace) -> dict:
         fresh.start()
         fresh.join()
         time.sleep(1.0)
+        down: dict[int, int] = {}
+        if args.downlink:
+            doc["downlink_rules"] = install_downlink(socket.if_nametoindex("gtp5gbench"))
+
+            def down_sender() -> None:
+                _name_thread(b"nr-gnb")
+                out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                n, start = 0, time.monotonic()
+                while time.monotonic() - start < args.seconds:
+                    due = int((time.monotonic() - start) * args.rate) + 1
+                    while n < due:
+                        out.sendto(b"downlink", (UE_ADDR, 9999))
+                        n += 1
+                    time.sleep(0.001)
+                down[threading.get_native_id()] = n
+                out.close()
+
+            dl = threading.Thread(target=down_sender)
+            dl.start()
+            dl.join()
+            time.sleep(0.5)
         t2 = time.monotonic()
         bpf.close()  # detach, then flush every pending count into the pipe
         doc["detach_flush_s"] = round(time.monotonic() - t2, 3)
@@ -144,7 +184,7 @@ def guest(args: argparse.Namespace) -> dict:
     per: dict[int, dict] = {}
     for when, raw in arrivals:
         ev = parse_line(raw)
-        if ev is None or ev.subject_pid not in sent or not ev.hook:
+        if ev is None or ev.subject_pid not in {**sent, **down} or not ev.hook:
             continue
         row = per.setdefault(ev.subject_pid, {"lines": 0, "events": {}, "first_line_at": when})
         row["lines"] += 1
@@ -165,6 +205,11 @@ def guest(args: argparse.Namespace) -> dict:
         "events_per_hook": f["events"] if f else {},
         "first_line_ms": round((f["first_line_at"] - marks[fresh_tid]) * 1000, 1) if f else None,
     }
+    for tid, n in down.items():
+        d = per.get(tid, {"lines": 0, "events": {}})
+        doc["downlink"] = {"packets": n, "lines": d["lines"], "lines_per_packet": round(d["lines"] / max(n, 1), 5),
+                           "events_per_hook": d["events"],
+                           "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values())}
     doc["interval_s"] = args.interval
     table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
@@ -184,7 +229,9 @@ def host(args: argparse.Namespace) -> None:
     result = work / "result.json"
     inner = [sys.executable, str(Path(__file__).resolve()), "--guest", "--ko", str(Path(args.ko).resolve()),
              "--obj", str(obj), "--result", str(result), "--rate", str(args.rate), "--seconds", str(args.seconds),
-             "--interval", str(args.interval)]
+             "--interval", str(args.interval)] + (["--downlink"] if args.downlink else [])
+    if os.environ.get("PYTHONPATH"):  # the guest's command does not inherit the host's environment
+        inner = ["env", f"PYTHONPATH={os.environ['PYTHONPATH']}", *inner]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
     t0 = time.monotonic()
     proc = subprocess.run([vng, "-r", args.kernel, "--force-9p", "--disable-kvm", "--memory", "2G", "--cpus", "2",
@@ -205,6 +252,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--interval", type=float, default=1.0, help="the tracer's line interval (s)")
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--downlink", action="store_true",
+                    help="Also send downlink through a PDR/FAR/QER session (needs gtp5g_op.kernel.gtp5gnl)")
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--obj", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
