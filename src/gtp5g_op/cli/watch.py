@@ -7,15 +7,9 @@ import sys
 
 import click
 
-from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
-
-
-def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be greater than 0")
-    return value
 
 
 @click.command()
@@ -34,12 +28,12 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--no-validate", is_flag=True, help="Trust the trace: skip the live-process checks (for captures).")
 @click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
-@click.option("--speed", type=float, callback=_positive, help="Replay at this many times the recorded pace.")
-@click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
+@click.option("--speed", type=Number(0, 1e6), help="Replay at this many times the recorded pace.")
+@click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=Number(0, 86400), metavar="SECONDS", help="Re-send the set this often. [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)

@@ -23,6 +23,7 @@ from typing import Self
 
 import click
 
+from gtp5g_op.cli.common import Number
 from gtp5g_op.errors import UsageError, cli_errors
 
 # Syscalls the loop can make; each os function below is one system call per call (glibc caches none).
@@ -72,7 +73,7 @@ def run(name: str, threads: int = 3, rate: float = 100.0, duration: float | None
     check_name(thread_name)
     if syscall not in SYSCALLS:
         raise UsageError(f"unknown syscall {syscall!r}", f"use one of {', '.join(sorted(SYSCALLS))}")
-    if rate <= 0 or threads < 0:
+    if not 0 < rate < float("inf") or threads < 0:
         raise UsageError("--rate must be positive and --threads not negative", "e.g. --threads 3 --rate 100")
     stop = stop or threading.Event()
     call = SYSCALLS[syscall]
@@ -171,8 +172,8 @@ def start(name: str = "nr-gnb", threads: int = 3, rate: float = 100.0, duration:
 @click.option("--threads", default=3, show_default=True, type=click.IntRange(min=0),
               help="Worker threads besides the main thread.")
 @click.option("--thread-name", default=None, help="Name of the worker threads [default: --name].")
-@click.option("--rate", default=100.0, show_default=True, type=float, help="Calls per second per thread.")
-@click.option("--duration", default=5.0, show_default=True, type=float,
+@click.option("--rate", default=100.0, show_default=True, type=Number(0, 1e6), help="Calls per second per thread.")
+@click.option("--duration", default=5.0, show_default=True, type=Number(0, 1e9, min_open=False),
               help="Seconds to run; 0 runs until SIGINT/SIGTERM.")
 @click.option("--syscall", default="getppid", show_default=True, type=click.Choice(sorted(SYSCALLS)),
               help="Syscall each thread makes (pick the one the probe's tracepoint watches).")

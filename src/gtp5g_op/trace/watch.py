@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from gtp5g_op.config import finite_number
 from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
 from gtp5g_op.trace.parser import DEFAULT_MATCH, TraceParser
 from gtp5g_op.trace.pipeline import Pipeline
@@ -211,6 +212,10 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
 
 def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None = None) -> WatchResult:
     """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
+    for what, value, maximum in (("--speed", opts.speed, 1e6), ("--duration", opts.duration, 1e9),
+                                 ("--interval", opts.interval, 86400.0)):
+        if value is not None:
+            finite_number(value, what, 0.0, maximum)
     if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
     if opts.replay is None and opts.validate:
