@@ -54,10 +54,10 @@ def test_example_file_loads_and_precedence_is_flags_env_file(tmp_path):
     assert s.known_selectors == DEFAULT_KNOWN_SELECTORS
 
     env = {"GTP5G_OP_CONFIG": str(EXAMPLE), "GTP5G_OP_API_URL": "http://env:1/", "GTP5G_OP_EXECUTION_TIME": "3ms",
-           "GTP5G_OP_EXE_ALLOW": "*/nr-gnb,*/nr-ue", "GTP5G_OP_INSECURE": "yes"}
+           "GTP5G_OP_EXE_ALLOW": "/opt/*/nr-gnb,/opt/*/nr-ue", "GTP5G_OP_INSECURE": "yes"}
     s = load_settings(env=env)
     assert s.api_url == "http://env:1" and s.policy.execution_time_ns == 3_000_000 and s.insecure
-    assert s.exe_allow == ("*/nr-gnb", "*/nr-ue")
+    assert s.exe_allow == ("/opt/*/nr-gnb", "/opt/*/nr-ue")
     s = load_settings(env=env, api_url="http://flag:2", execution_time="1ms", priority=False, exe_allow=("/x",), insecure=None)
     assert s.api_url == "http://flag:2" and s.policy == Policy(False, 1_000_000, s.policy.overrides) and s.exe_allow == ("/x",)
     assert s.insecure  # a flag left at None does not override the environment

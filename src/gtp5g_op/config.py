@@ -148,6 +148,37 @@ def _str_list(value: Any, what: str, text: bool) -> tuple[str, ...]:
     return tuple(_str(v, what, text) for v in value)
 
 
+def check_exe_patterns(patterns: Any, what: str = "--exe-allow") -> tuple[str, ...]:
+    """Absolute executable path patterns; a relative one (``*/nr-gnb``) could be met anywhere: refused."""
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.startswith("/") or "\0" in pattern:
+            raise UsageError(f"{what} pattern {pattern!r} is not an absolute path",
+                             "give the executable's full path, e.g. /opt/UERANSIM/build/nr-gnb ('*' matches "
+                             "within one directory level)")
+    return tuple(patterns)
+
+
+def _exe_patterns(value: Any, what: str, text: bool) -> tuple[str, ...]:
+    return check_exe_patterns(_str_list(value, what, text), what)
+
+
+def _uid_list(value: Any, what: str, text: bool) -> tuple[int, ...]:
+    """User ids: integers 0..4294967294 (a list, or comma separated text)."""
+    items = re.split(r"[,\s]+", value.strip()) if text and isinstance(value, str) else value
+    if isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise UsageError(f"{what} = {value!r} is not a list of user ids", f"write {what} = [0, 1000]")
+    uids = []
+    for item in items:
+        if isinstance(item, str) and text and item.isdigit():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 2**32 - 1:
+            raise UsageError(f"{what}: {item!r} is not a user id", "give numeric uids from 0 to 4294967294")
+        uids.append(item)
+    return tuple(uids)
+
+
 # name -> (toml section, toml key, converter); flags use the name, the environment GTP5G_OP_<NAME>.
 # Issues adding settings add a row here and a field to Settings; load_settings needs no change.
 Converter = Callable[[Any, str, bool], Any]
@@ -158,7 +189,9 @@ KEYS: dict[str, tuple[str, str, Converter]] = {
     "insecure": ("api", "insecure", _bool),
     "timeout": ("api", "timeout", _seconds(0.0, 3600.0)),
     "match": ("targets", "match", _regex),
-    "exe_allow": ("targets", "exe_allow", _str_list),
+    "exe_allow": ("targets", "exe_allow", _exe_patterns),
+    "allow_user_writable_exe": ("targets", "allow_user_writable_exe", _bool),
+    "uid_allow": ("targets", "uid_allow", _uid_list),
     "threads": ("targets", "threads", _bool),
     "priority": ("policy", "priority", _bool),
     "execution_time": ("policy", "execution_time", _duration),
@@ -222,6 +255,8 @@ class Settings:
     timeout: float = 5.0
     match: str = DEFAULT_MATCH
     exe_allow: tuple[str, ...] = ()
+    allow_user_writable_exe: bool = False
+    uid_allow: tuple[int, ...] = ()
     threads: bool = True
     policy: Policy = field(default_factory=Policy)
     interval: float = DEFAULT_INTERVAL

@@ -26,7 +26,13 @@ from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 @click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
 @click.option("--no-validate", is_flag=True, help="Trust the trace: skip the live-process checks (for captures).")
-@click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
+@click.option("--exe-allow", metavar="PATH", multiple=True,
+              help="Accept only these executables: absolute paths, '*' within one level (repeatable). "
+              "[default: any root-owned executable named like a target]")
+@click.option("--allow-user-writable-exe", is_flag=True, default=None,
+              help="Also accept executables that a non-root user owns or could replace (unsafe).")
+@click.option("--uid-allow", metavar="UID", type=click.IntRange(0, 2**32 - 2), multiple=True,
+              help="Accept only processes whose real uid is one of these (repeatable). [default: any]")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
 @click.option("--speed", type=Number(0, 1e6), help="Replay at this many times the recorded pace.")
 @click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
@@ -55,7 +61,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
-      gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
+      gtp5g-op watch --push --exe-allow /opt/UERANSIM/build/nr-gnb --exe-allow /opt/UERANSIM/build/nr-ue
     """
     setup_logs(ctx)
     from gtp5g_op.config import load_settings
@@ -65,6 +71,8 @@ def watch(ctx: click.Context, **kw) -> None:
         **api_flags(ctx),
         match=kw["match"],
         exe_allow=kw["exe_allow"] or None,
+        allow_user_writable_exe=kw["allow_user_writable_exe"],
+        uid_allow=kw["uid_allow"] or None,
         threads=kw["threads"],
         priority=kw["priority"],
         execution_time=kw["execution_time"],
@@ -92,6 +100,8 @@ def watch(ctx: click.Context, **kw) -> None:
         match=settings.match,
         validate=not kw["no_validate"],
         exe_allow=settings.exe_allow,
+        allow_user_writable_exe=settings.allow_user_writable_exe,
+        uid_allow=settings.uid_allow,
         threads=settings.threads,
         speed=kw["speed"],
         duration=kw["duration"],

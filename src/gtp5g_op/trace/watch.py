@@ -43,7 +43,9 @@ class WatchOptions:
     buffer_kb: int | None = None
     match: str = DEFAULT_MATCH
     validate: bool = True
-    exe_allow: tuple[str, ...] = ()
+    exe_allow: tuple[str, ...] = ()  # absolute executable path patterns (gtp5g_op.trace.validate)
+    allow_user_writable_exe: bool = False
+    uid_allow: tuple[int, ...] = ()
     threads: bool = True
     speed: float | None = None
     duration: float | None = None
@@ -205,7 +207,10 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
         from gtp5g_op.trace.validate import ProcessValidator, current_comm
 
         # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
-        validator, resolve_comm = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads), current_comm
+        validator = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads, exe_names=opts.match,
+                                     allow_user_writable_exe=opts.allow_user_writable_exe,
+                                     uid_allow=opts.uid_allow)
+        resolve_comm = current_comm
     parser = TraceParser(opts.match, accelerate=opts.accelerate, resolve_comm=resolve_comm)
     return Pipeline(parser, validator=validator, pusher=pusher, metrics=metrics, threads=opts.threads)
 
