@@ -247,15 +247,17 @@ class ProcessValidator:
         if st is None or st.state in ("Z", "X"):
             return Verdict(False, "the process has exited", pid, tgid, comm, code="dead")
         started_at = st.start_ticks / CLK_TCK
+        create_time = self._boot_time + started_at  # rejections carry it too: the pipeline re-checks by it
         if st.flags & PF_KTHREAD:
-            return Verdict(False, "a kernel thread is never a target", pid, tgid, comm, code="kthread")
+            return Verdict(False, "a kernel thread is never a target", pid, tgid, comm, create_time, started_at,
+                           code="kthread")
         if st.comm != comm:
             return Verdict(False, f"its comm is now {st.comm!r}, the trace said {comm!r}", pid, tgid, comm,
-                           code="comm")
+                           create_time, started_at, code="comm")
         if seen_at is not None and started_at > seen_at + self.start_tolerance:
             return Verdict(False, f"pid reused: this process started at {started_at:.2f} s, after the traced "
                                   f"event at {seen_at:.2f} s",
-                           pid, tgid, comm, started_at=started_at, code="reused")
+                           pid, tgid, comm, create_time, started_at, code="reused")
         try:
             exe_dev = exe_ino = -1
             if self._read_exe:
@@ -272,7 +274,6 @@ class ProcessValidator:
         if after is None or after.start_ticks != st.start_ticks or after.state in ("Z", "X"):
             return Verdict(False, "the process has exited", pid, tgid, comm, code="dead")
         real_tgid, exe = ident.tgid, ident.exe
-        create_time = self._boot_time + started_at
         if tgid is not None and tgid != real_tgid:
             return Verdict(False, f"pid reused: it now belongs to process {real_tgid}, the trace said {tgid}",
                            pid, real_tgid, comm, create_time, started_at, exe, code="reused")
