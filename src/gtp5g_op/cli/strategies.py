@@ -13,6 +13,7 @@ from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, s
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
+from gtp5g_op.gthulhu.ownership import OwnershipStore
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
@@ -21,8 +22,8 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
     return load_settings(given.get("config"), **api_flags(ctx), state_dir=given.get("state_dir"), **flags)
 
 
-def _store(settings: Settings) -> sync.OwnershipStore:
-    return sync.OwnershipStore(settings.api_url, settings.state_dir)
+def _store(settings: Settings) -> OwnershipStore:
+    return OwnershipStore(settings.api_url, settings.state_dir)
 
 
 def _emit_json(doc: Any) -> None:
