@@ -120,7 +120,8 @@ def test_run_selftest_probe_stays_attached_while_a_watch_reads(build_dir, tmp_pa
         load = subprocess.Popen([sys.executable, "-m", "gtp5g_op.kernel.workload", "--name", "nr-gnb",
                                  "--threads", "2", "--rate", "50", "--duration", "6"], stdout=subprocess.PIPE)
         watch = subprocess.run([sys.executable, "-m", "gtp5g_op", "watch", "--json", "--duration", "3",
-                                "--instance", f"gtp5g-op-test-walk-{os.getpid()}"],
+                                "--instance", f"gtp5g-op-test-walk-{os.getpid()}",
+                                "--exe-allow", os.path.realpath(sys.executable)],  # python named nr-gnb
                                capture_output=True, text=True, timeout=60)
         load.wait(20)
         assert watch.returncode == 0, watch.stderr

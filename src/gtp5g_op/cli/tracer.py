@@ -15,6 +15,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
+from gtp5g_op.cli.common import Number
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import DEFAULT_INTERVAL, MAX_INTERVAL, BpfObject, ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_selftest
@@ -84,12 +85,12 @@ def tracer() -> None:
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
-@click.option("--interval", type=click.FloatRange(0, MAX_INTERVAL), metavar="SECONDS",
+@click.option("--interval", type=Number(0, MAX_INTERVAL, min_open=False), metavar="SECONDS",
               help=f"At most one line per thread and hook this often, with the count since the last "
                    f"(N=); 0 prints every event. [default: {DEFAULT_INTERVAL:g}]")
 @click.option("--selftest-probe", is_flag=True,
               help="Attach the selftest probe (getppid tracepoints, any host) instead of the gtp5g tracer.")
-@click.option("--duration", type=click.FloatRange(min=0),
+@click.option("--duration", type=Number(0, 1e9, min_open=False),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
 @cli_errors
@@ -138,7 +139,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], int
 @tracer.command("selftest")
 @click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
               help="Seconds to wait for the probe's lines.")
 @click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
