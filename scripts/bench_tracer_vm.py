@@ -77,10 +77,17 @@ def install_downlink(ifindex: int) -> list[str]:
         from gtp5g_op.kernel import gtp5gnl  # type: ignore[attr-defined]
     except ImportError:  # before the lab module lands: a copy of it on PYTHONPATH
         import gtp5gnl  # type: ignore[no-redef]
+    steps = [("QER", lambda g: g.add_qer(ifindex, 1, 10_000_000)),
+             ("FAR", lambda g: g.add_far(ifindex, 1, peer="127.0.0.2", teid=0x99)),
+             ("PDR", lambda g: g.add_pdr(ifindex, 1, 1, ue_addr=UE_ADDR, qer_id=1, src_intf=gtp5gnl.SRC_INTF_CORE))]
+    rules = []
     with gtp5gnl.Gtp5gGenl() as genl:
-        rules = [genl.add_qer(ifindex, 1, mbr_kbps=10_000_000),
-                 genl.add_far(ifindex, 1, peer="127.0.0.2", teid=0x99),
-                 genl.add_pdr(ifindex, 1, 1, ue_addr=UE_ADDR, qer_id=1, src_intf=gtp5gnl.SRC_INTF_CORE)]
+        for what, add in steps:
+            try:
+                rules.append(add(genl))
+            except Exception as exc:
+                raise RuntimeError(f"installing the {what} failed: {exc!r}") from exc
+    subprocess.run(["ip", "addr", "add", "198.19.0.1/32", "dev", "gtp5gbench"], check=True)
     subprocess.run(["ip", "route", "add", f"{UE_ADDR}/32", "dev", "gtp5gbench"], check=True)
     return [f"{r.kind} {r.id}: {r.detail}" for r in rules]
 
