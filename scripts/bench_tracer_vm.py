@@ -13,7 +13,8 @@ G-PDUs to it:
 * new thread: a fresh thread sends one packet; the time from sendto() to its first line in the
   reader (a private tracefs instance's trace_pipe);
 * --downlink: a QER/FAR/PDR session for a UE address (gtp5g's generic netlink) and IP packets routed
-  into the device at --rate for --seconds: the downlink hooks, ip4_find_route's kprobe twins among them.
+  into the device at --rate for --seconds (the downlink hooks), then GTP-U echo requests at --rate for
+  --seconds (gtp5g answers them through ip4_find_route: its kprobe twins on Linux before 6.6).
 
 usage: sudo scripts/bench_tracer_vm.py --ko /path/gtp5g.ko [--kernel /boot/vmlinuz-6.1.0-56-amd64]
 needs: root, qemu-system-x86, busybox-static, virtme-ng (pip), a gtp5g.ko with BTF for that kernel.
@@ -69,6 +70,8 @@ def gpdu(teid: int, payload: bytes = b"\x45" + b"\0" * 27) -> bytes:
 
 
 UE_ADDR = "10.60.0.1"
+# GTP-U echo request (TS 29.281 7.2.1): flags 0x32 (v1, PT, S), type 1, length 4, TEID 0, sequence 1
+ECHO_REQUEST = struct.pack("!BBHIHBB", 0x32, 0x01, 4, 0, 1, 0, 0)
 
 
 def install_downlink(ifindex: int) -> list[str]:
@@ -87,6 +90,9 @@ def install_downlink(ifindex: int) -> list[str]:
                 rules.append(add(genl))
             except Exception as exc:
                 raise RuntimeError(f"installing the {what} failed: {exc!r}") from exc
+    qos = Path("/proc/gtp5g/qos")  # gtp5g's global QoS switch (off by default): policePacket runs when on
+    if qos.exists():
+        qos.write_text("1\n")
     subprocess.run(["ip", "addr", "add", "198.19.0.1/32", "dev", "gtp5gbench"], check=True)
     subprocess.run(["ip", "route", "add", f"{UE_ADDR}/32", "dev", "gtp5gbench"], check=True)
     return [f"{r.kind} {r.id}: {r.detail}" for r in rules]
@@ -134,11 +140,11 @@ def guest(args: argparse.Namespace) -> dict:
         sent: dict[int, int] = {}
         marks: dict[int, float] = {}
 
-        def sender(rate: float, seconds: float, count: int | None = None) -> None:
+        def sender(rate: float, seconds: float, count: int | None = None, pkt: bytes = gpdu(0x1234),
+                   into: dict[int, int] = sent) -> None:
             _name_thread(b"nr-gnb")
             tid = threading.get_native_id()
             out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-            pkt = gpdu(0x1234)
             n, start = 0, time.monotonic()
             marks[tid] = start
             while (count is None and time.monotonic() - start < seconds) or (count is not None and n < count):
@@ -147,7 +153,7 @@ def guest(args: argparse.Namespace) -> dict:
                     out.sendto(pkt, ("127.0.0.1", PORT))
                     n += 1
                 time.sleep(0.001)
-            sent[tid] = n
+            into[tid] = n
             out.close()
 
         steady = threading.Thread(target=sender, args=(args.rate, args.seconds))
@@ -159,6 +165,7 @@ def guest(args: argparse.Namespace) -> dict:
         fresh.join()
         time.sleep(1.0)
         down: dict[int, int] = {}
+        echo: dict[int, int] = {}
         if args.downlink:
             doc["downlink_rules"] = install_downlink(socket.if_nametoindex("gtp5gbench"))
 
@@ -179,6 +186,12 @@ def guest(args: argparse.Namespace) -> dict:
             dl.start()
             dl.join()
             time.sleep(0.5)
+            # gtp5g answers an echo request through ip4_find_route (downlink IP uses another lookup)
+            echo_thread = threading.Thread(target=sender, args=(args.rate, args.seconds),
+                                           kwargs={"pkt": ECHO_REQUEST, "into": echo})
+            echo_thread.start()
+            echo_thread.join()
+            time.sleep(0.5)
         t2 = time.monotonic()
         bpf.close()  # detach, then flush every pending count into the pipe
         doc["detach_flush_s"] = round(time.monotonic() - t2, 3)
@@ -191,7 +204,7 @@ def guest(args: argparse.Namespace) -> dict:
     per: dict[int, dict] = {}
     for when, raw in arrivals:
         ev = parse_line(raw)
-        if ev is None or ev.subject_pid not in {**sent, **down} or not ev.hook:
+        if ev is None or ev.subject_pid not in {**sent, **down, **echo} or not ev.hook:
             continue
         row = per.setdefault(ev.subject_pid, {"lines": 0, "events": {}, "first_line_at": when})
         row["lines"] += 1
@@ -212,11 +225,12 @@ def guest(args: argparse.Namespace) -> dict:
         "events_per_hook": f["events"] if f else {},
         "first_line_ms": round((f["first_line_at"] - marks[fresh_tid]) * 1000, 1) if f else None,
     }
-    for tid, n in down.items():
-        d = per.get(tid, {"lines": 0, "events": {}})
-        doc["downlink"] = {"packets": n, "lines": d["lines"], "lines_per_packet": round(d["lines"] / max(n, 1), 5),
-                           "events_per_hook": d["events"],
-                           "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values())}
+    for name, senders in (("downlink", down), ("echo", echo)):
+        for tid, n in senders.items():
+            d = per.get(tid, {"lines": 0, "events": {}})
+            doc[name] = {"packets": n, "lines": d["lines"], "lines_per_packet": round(d["lines"] / max(n, 1), 5),
+                         "events_per_hook": d["events"],
+                         "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values())}
     doc["interval_s"] = args.interval
     table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
