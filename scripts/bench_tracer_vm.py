@@ -9,7 +9,8 @@ bound to a UDP socket on 127.0.0.1:2152 (rtnetlink), and from threads named nr-g
 G-PDUs to it:
 
 * steady: one thread at --rate packets/s for --seconds; lines per packet and the sum of N per hook
-  against the packets sent (after detach, whose flush prints what is pending);
+  against the packets sent (after detach, whose flush prints what is pending), and against the packets
+  sent less those the kernel dropped from its input backlog before gtp5g saw them (softnet_stat);
 * new thread: a fresh thread sends one packet; the time from sendto() to its first line in the
   reader (a private tracefs instance's trace_pipe);
 * --downlink: a QER/FAR/PDR session for a UE address (gtp5g's generic netlink) and IP packets routed
@@ -98,6 +99,12 @@ def install_downlink(ifindex: int) -> list[str]:
     return [f"{r.kind} {r.id}: {r.detail}" for r in rules]
 
 
+def backlog_drops() -> int:
+    """Packets the kernel dropped from its per-CPU input backlog (/proc/net/softnet_stat, 2nd column)."""
+    with open("/proc/net/softnet_stat") as fh:
+        return sum(int(line.split()[1], 16) for line in fh if line.strip())
+
+
 def _name_thread(name: bytes) -> None:
     ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
@@ -156,9 +163,13 @@ def guest(args: argparse.Namespace) -> dict:
             into[tid] = n
             out.close()
 
+        drops: dict[str, int] = {}
+        d0 = backlog_drops()
         steady = threading.Thread(target=sender, args=(args.rate, args.seconds))
         steady.start()
         steady.join()
+        time.sleep(0.2)
+        drops["steady"] = backlog_drops() - d0
         time.sleep(0.5)
         fresh = threading.Thread(target=sender, args=(1.0, 0.0, 1))
         fresh.start()
@@ -182,16 +193,20 @@ def guest(args: argparse.Namespace) -> dict:
                 down[threading.get_native_id()] = n
                 out.close()
 
+            d0 = backlog_drops()
             dl = threading.Thread(target=down_sender)
             dl.start()
             dl.join()
             time.sleep(0.5)
+            drops["downlink"] = backlog_drops() - d0
+            d0 = backlog_drops()
             # gtp5g answers an echo request through ip4_find_route (downlink IP uses another lookup)
             echo_thread = threading.Thread(target=sender, args=(args.rate, args.seconds),
                                            kwargs={"pkt": ECHO_REQUEST, "into": echo})
             echo_thread.start()
             echo_thread.join()
             time.sleep(0.5)
+            drops["echo"] = backlog_drops() - d0
         t2 = time.monotonic()
         bpf.close()  # detach, then flush every pending count into the pipe
         doc["detach_flush_s"] = round(time.monotonic() - t2, 3)
@@ -217,7 +232,10 @@ def guest(args: argparse.Namespace) -> dict:
         "packets_per_s": round(sent[steady_tid] / args.seconds),
         "lines": s["lines"], "lines_per_packet": round(s["lines"] / max(sent[steady_tid], 1), 5),
         "events_per_hook": s["events"],
+        "backlog_drops": drops["steady"],
         "counts_exact": bool(s["events"]) and all(v == sent[steady_tid] for v in s["events"].values()),
+        "counts_equal_packets_minus_drops": bool(s["events"]) and all(
+            v == sent[steady_tid] - drops["steady"] for v in s["events"].values()),
     }
     f = per.get(fresh_tid)
     doc["new_thread"] = {
@@ -229,8 +247,10 @@ def guest(args: argparse.Namespace) -> dict:
         for tid, n in senders.items():
             d = per.get(tid, {"lines": 0, "events": {}})
             doc[name] = {"packets": n, "lines": d["lines"], "lines_per_packet": round(d["lines"] / max(n, 1), 5),
-                         "events_per_hook": d["events"],
-                         "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values())}
+                         "events_per_hook": d["events"], "backlog_drops": drops[name],
+                         "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values()),
+                         "counts_equal_packets_minus_drops": bool(d["events"]) and all(
+                             v == n - drops[name] for v in d["events"].values())}
     doc["interval_s"] = args.interval
     table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))

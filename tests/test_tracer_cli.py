@@ -159,3 +159,9 @@ def test_build_without_clang_is_one_line_with_the_fix(tmp_path, monkeypatch):
     assert result.exit_code == 3
     assert result.stderr == ("gtp5g-op: error: clang is not installed; "
                              "fix: install clang (apt-get install clang llvm)\n")
+
+
+@pytest.mark.parametrize("value", ["nan", "-1", "3601", "inf"])
+def test_run_interval_must_be_a_finite_number_of_seconds(value):
+    result = CliRunner().invoke(main, ["tracer", "run", "--interval", value, "--duration", "0"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
