@@ -8,8 +8,9 @@ validation on. For each rate the script reports the lines the watch read, the li
 markers + the instance's overrun counters), and the watch's CPU share while the load runs (its
 utime+stime from /proc over the load's wall time; start-up excluded) and over its whole life.
 
-Each rate runs twice in the same run, alternating: the batched reader (the default, `--read-batch`
-0.1 s) and the baseline, the unbatched reader (`--read-batch 0`, one hand-off per page read).
+Each rate runs three times in the same run: the batched reader (the default, `--read-batch` 0.1 s),
+the baseline, the unbatched reader (`--read-batch 0`, one hand-off per page read), and `dd` draining
+the same kind of pipe: the kernel formats every line inside read(2), a cost no trace_pipe reader avoids.
 
 Needs root, clang and bpftool. usage: sudo scripts/bench_live.py [--rates 10000,50000,...] [--seconds 6]
 """
@@ -89,6 +90,29 @@ def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float
     }
 
 
+def run_floor(lines_per_s: int, seconds: float, buffer_kb: int) -> dict:
+    """``dd`` draining a private instance's trace_pipe at ``lines_per_s``: the kernel's own share (it
+    formats every line as text inside read(2)), which no reader of trace_pipe can go below."""
+    from gtp5g_op.trace.tracefs import TraceInstance
+
+    comm = f"bench{os.getpid()}"[:15]
+    with TraceInstance(f"gtp5g-op-bench-dd-{os.getpid()}", buffer_kb=buffer_kb) as inst:
+        dd = subprocess.Popen(["dd", f"if={inst.pipe}", "of=/dev/null", "bs=1M", "status=none"])
+        try:
+            time.sleep(0.5)
+            cpu0, t0 = _cpu_seconds(dd.pid), time.monotonic()
+            subprocess.run([sys.executable, "-c", LOAD, str(lines_per_s / 2), str(seconds), comm],
+                           capture_output=True, text=True, check=True)
+            time.sleep(0.3)
+            cpu1, t1 = _cpu_seconds(dd.pid), time.monotonic()
+        finally:
+            dd.terminate()
+            dd.wait()
+        lost = inst.overruns()
+    return {"reader": "dd (floor)", "target_lines_per_s": lines_per_s, "lost": lost,
+            "watch_cpu_share_steady": round((cpu1 - cpu0) / (t1 - t0), 3)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="10000,25000,50000,100000,200000,400000")
@@ -96,6 +120,8 @@ def main() -> None:
     ap.add_argument("--buffer-kb", type=int, default=8192)
     ap.add_argument("--no-baseline", dest="baseline", action="store_false",
                     help="Skip the unbatched reader's runs.")
+    ap.add_argument("--no-floor", dest="floor", action="store_false",
+                    help="Skip the runs of dd draining the pipe (the kernel's own cost).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -113,10 +139,16 @@ def main() -> None:
                 results.append(run_rate(rate, args.seconds, args.buffer_kb, batch))
                 if not args.json:
                     r = results[-1]
-                    print(f"{r['reader']:>8} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
+                    print(f"{r['reader']:>10} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
                           f"({r['achieved_lines_per_s']:>7}/s), lost {r['lost']:>6}, watch CPU "
                           f"{r['watch_cpu_share_steady']:.1%} while loaded ({r['watch_cpu_share_total']:.1%} "
                           "over its life)", flush=True)
+            if args.floor:
+                results.append(run_floor(rate, args.seconds, args.buffer_kb))
+                if not args.json:
+                    r = results[-1]
+                    print(f"{r['reader']:>10} {rate:>7} lines/s: lost {r['lost']:>6}, dd CPU "
+                          f"{r['watch_cpu_share_steady']:.1%} while loaded", flush=True)
     summary: dict = {"runs": results}
     for reader in ("batched", "baseline"):
         clean = [r for r in results if r["reader"] == reader and r["lost"] == 0
