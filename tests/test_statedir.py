@@ -11,7 +11,7 @@ import pytest
 from hostile import NOBODY, as_user, open_tmp, require_root  # noqa: F401 - open_tmp is a fixture
 
 from gtp5g_op.errors import EXIT_ENV
-from gtp5g_op.gthulhu.sync import OwnershipStore
+from gtp5g_op.gthulhu.ownership import OwnershipStore
 from gtp5g_op.ops.statedir import MAX_READ, StateDir, StateDirError, check_name, default_state_dir
 
 
