@@ -231,3 +231,22 @@ def test_a_live_watch_on_a_read_only_run_is_one_line_and_state_dir_fixes_it(tmp_
     assert "Read-only file system" in lines[0] and "fix: point --state-dir" in lines[0]
     assert not Path(f"/sys/kernel/tracing/instances/{name}").exists()
     assert os.listdir(state / "lock") == []  # the second run took and released its lock there
+
+
+def test_strategies_push_with_an_unusable_state_dir_fails_before_touching_the_api(gthulhu_server, tmp_path):
+    """The ownership record could not be written afterwards: refuse first, so nothing is pushed unowned."""
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    bad = tmp_path / "ww"
+    bad.mkdir()
+    bad.chmod(0o777)
+    before = gthulhu_server.state()["strategies"]
+    out = CliRunner().invoke(main, ["strategies", "push", "--pid", str(os.getpid()), "--api-url", gthulhu_server.url,
+                                    "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
+    assert out.exit_code == 3 and "writable by group or others" in out.output, out.output
+    assert gthulhu_server.state()["strategies"] == before
+    listed = CliRunner().invoke(main, ["strategies", "list", "--json", "--api-url", gthulhu_server.url,
+                                       "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
+    assert listed.exit_code == 0, listed.output  # listing needs no state
