@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gtp5g_op import userfiles
 from gtp5g_op.errors import UsageError
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
@@ -74,6 +75,15 @@ def _regex(value: str, what: str) -> str:
         re.compile(value)
     except re.error as exc:
         raise UsageError(f"{what} {value!r} is not a valid regular expression: {exc}", "fix the pattern") from None
+    return value
+
+
+def _target_match(value: str) -> str:
+    """The target regex; refused when it matches an empty comm (``''``, ``.*``): it would select anything."""
+    _regex(value, "target match")
+    if re.fullmatch(value, ""):
+        raise UsageError(f"target match {value!r} matches an empty name, so it would select every process",
+                         "give the comms to target, e.g. --match '^(nr-gnb|nr-ue)$'")
     return value
 
 
@@ -143,10 +153,18 @@ class Settings:
                 "no Gthulhu public key given",
                 "pass --public-key FILE, set GTP5G_OP_PUBLIC_KEY or api.public_key in the config file",
             )
-        try:
-            return self.public_key.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read public key {self.public_key}: {exc.strerror}", "check the path") from None
+        text = userfiles.read_text(self.public_key, "public key", limit=64 << 10,
+                                   fix="check --public-key, GTP5G_OP_PUBLIC_KEY or api.public_key: the Gthulhu API "
+                                   "server's RSA public key (PEM)")
+        return text.encode()
+
+    def ca_bundle_path(self) -> str | None:
+        """``ca_bundle`` checked (a PEM file, or a directory of certificates as requests takes it)."""
+        if self.ca_bundle is None:
+            return None
+        kinds = {userfiles.REGULAR, userfiles.DIRECTORY}
+        return str(userfiles.check(self.ca_bundle, "CA bundle", kinds=kinds,
+                                   fix="give the PEM file of the CA that signed the API's certificate"))
 
 
 # name -> (toml section, toml key); flags and env use the name.
@@ -170,11 +188,9 @@ _ENV_NAMES = tuple(_FILE_KEYS)
 
 
 def _read_file(path: Path) -> dict:
+    text = userfiles.read_text(path, "config file", fix="check --config / GTP5G_OP_CONFIG (see docs/config.md)")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist", "check --config / GTP5G_OP_CONFIG") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}", "see docs/config.md") from None
 
@@ -271,7 +287,7 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         ca_bundle=Path(raw["ca_bundle"]).expanduser() if raw.get("ca_bundle") else None,
         insecure=_bool(raw.get("insecure", False), "insecure"),
         timeout=_float(raw.get("timeout", base.timeout), "timeout"),
-        match=_regex(str(raw.get("match", base.match)), "target match"),
+        match=_target_match(str(raw.get("match", base.match))),
         exe_allow=tuple(str(p) for p in exe_allow),
         threads=_bool(raw.get("threads", base.threads), "threads"),
         policy=policy,

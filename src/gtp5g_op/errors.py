@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from typing import Callable, TypeVar
 
@@ -14,6 +15,8 @@ EXIT_FAIL = 1  # the command ran and the answer is "no" (check failed, push fail
 EXIT_USAGE = 2  # bad flags or input (click uses 2 too)
 EXIT_ENV = 3  # the host lacks something (tracefs, permission, tool, module)
 EXIT_API = 4  # the Gthulhu API refused or could not be reached
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class OpError(Exception):
@@ -29,9 +32,14 @@ class OpError(Exception):
             self.exit_code = exit_code
 
     def one_line(self) -> str:
-        """The error as printed: ``message; fix: ...`` on a single line."""
+        """The error as printed: ``message; fix: ...`` on a single line.
+
+        Whitespace runs (newlines included) become one space; other control characters and bytes that are
+        not UTF-8 (a path or a comm can hold any) are shown as ``\\xNN``, so nothing reaches the terminal raw.
+        """
         text = self.message if not self.fix else f"{self.message}; fix: {self.fix}"
-        return " ".join(text.split())
+        text = " ".join(text.split()).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 
 class UsageError(OpError):
