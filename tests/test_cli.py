@@ -44,6 +44,6 @@ def test_shared_options_are_accepted_on_the_group_and_the_command_and_the_neares
     ):
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
-        assert f"cannot read public key {missing}" in result.output, (args, result.output)
+        assert f"public key {missing} does not exist" in result.output, (args, result.output)
     result = runner.invoke(main, ["watch", "--replay", "--no-validate", "--json", "-v", "--log-format", "json"])
     assert result.exit_code == 0, result.output

@@ -58,9 +58,16 @@ def test_match_selects_targets():
 
 
 def test_validation_rejects_processes_of_another_machine():
-    """Without --no-validate, the pids of a capture are checked against this host: none is alive here."""
-    doc = json.loads(invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--json").stdout)
+    """With --validate, the pids of a capture are checked against this host: none is alive here, and the
+    report says why and what to do; the answer to "which of them run here?" is no (exit 1)."""
+    res = invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--validate", "--json")
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1
     assert doc["processes"] == [] and doc["rejected"] == {"dead": 3}
+    assert "3 had exited" in doc["problem"]["message"] and "without --validate" in doc["problem"]["fix"]
+    table = invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--validate")
+    assert table.exit_code == 1
+    assert "every traced target was rejected" in table.stdout and "fix: " in table.stdout
 
 
 def test_speed_replays_at_the_recorded_pace(tmp_path):

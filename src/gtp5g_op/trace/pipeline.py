@@ -58,6 +58,7 @@ class Pipeline:
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
         self.boot_clock = False  # trace timestamps are CLOCK_BOOTTIME: pass them to pid-reuse checks
         self.tracer: list[dict] | None = None  # per-program report of the loaded tracer
+        self.garbage_warned = False  # the "not a trace" warning was given while reading
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -180,4 +181,5 @@ class Pipeline:
     def _validity(self, rec: ProcessRecord) -> dict:
         if self.validator is None:
             return {}
-        return {"valid": rec.valid, "reason": rec.reason, "from_threads": rec.from_threads}
+        return {"valid": rec.valid, "reason": rec.reason, "code": rec.reason_code or None,
+                "from_threads": rec.from_threads}

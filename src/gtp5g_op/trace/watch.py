@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import queue
 import signal
 import sys
@@ -18,8 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
-from gtp5g_op.trace.parser import DEFAULT_MATCH, TraceParser
+from gtp5g_op import userfiles
+from gtp5g_op.errors import EXIT_API, EXIT_FAIL, EXIT_OK, EnvironmentProblem, UsageError
+from gtp5g_op.trace.parser import DEFAULT_MATCH, Stats, TraceParser
 from gtp5g_op.trace.pipeline import Pipeline
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,13 @@ READ_CHUNK = 1 << 20
 TICK = 0.2  # seconds between housekeeping rounds while live
 REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
 PUSH_STOP_WAIT = 5.0  # at exit, how long to wait for a push still in flight before the final one
+# A trace is called garbage when more than MALFORMED_SHARE of its lines are malformed and at least
+# MALFORMED_MIN are (a normal capture has none; a noisy one a few per cent), or when no line is an event.
+MALFORMED_SHARE = 0.5
+MALFORMED_MIN = 10
+LIVE_WARN_AFTER = 200  # lines read before a live watch judges its input
+TRACE_FIX = "give a text capture of trace_pipe (plain or gzip), as gtp5g-op watch reads it"
+PIPE_FIX = "give trace_pipe, a FIFO or a capture file; or omit --trace-pipe to read a private tracefs instance"
 
 
 @dataclass
@@ -40,7 +49,7 @@ class WatchOptions:
     instance: str = "gtp5g-op"
     buffer_kb: int | None = None
     match: str = DEFAULT_MATCH
-    validate: bool = True
+    validate: bool | None = None  # None: the rule of :attr:`validating`
     exe_allow: tuple[str, ...] = ()
     threads: bool = True
     speed: float | None = None
@@ -51,6 +60,15 @@ class WatchOptions:
     with_tracer: bool = False
     metrics_port: int | None = None
     accelerate: bool = True
+
+    @property
+    def validating(self) -> bool:
+        """One rule: a replay that only reports is not checked against this host unless asked
+        (``validate=True``); anything live, and anything that pushes, is checked unless ``validate=False``
+        (so a capture from another machine cannot push its pids by accident)."""
+        if self.validate is not None:
+            return self.validate
+        return self.replay is None or self.push
 
 
 @dataclass
@@ -64,21 +82,63 @@ class WatchResult:
 
 # --- sources ---------------------------------------------------------------------------------
 def open_replay(path: str) -> IO[bytes]:
-    """Open a captured trace: a path (plain or gzip, by content), ``-`` for stdin, or the bundled one."""
+    """Open a captured trace: a path (plain or gzip, by content; a FIFO too), ``-`` for stdin, or the bundled one."""
     if path == "-":
         return sys.stdin.buffer
     if path == BUNDLED_SAMPLE:
         return (resources.files("gtp5g_op") / "data" / BUNDLED_SAMPLE).open("rb")
-    p = Path(path)
-    try:
-        fh = p.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"replay file {path} does not exist", "give the path of a captured trace") from None
-    except IsADirectoryError:
-        raise UsageError(f"replay file {path} is a directory", "give the path of a captured trace") from None
-    except PermissionError:
-        raise UsageError(f"cannot read replay file {path}: permission denied", "check its mode") from None
-    return fh
+    return userfiles.open_binary(path, "replay file", kinds=userfiles.STREAMS, fix=TRACE_FIX)
+
+
+def refuse_binary(first: bytes, what: str) -> None:
+    """Refuse a replay whose first bytes (decompressed) are binary data rather than trace text."""
+    why = userfiles.binary_evidence(first, strict=False)
+    if why:
+        raise UsageError(f"{what} is binary data, not a trace ({why})", TRACE_FIX)
+
+
+def garbage_warning(stats: Stats) -> str | None:
+    """A warning naming the share of malformed lines when the input does not look like a trace; else None."""
+    if not stats.malformed:
+        return None
+    share = stats.malformed / max(stats.lines, 1)
+    ratio = f"{stats.malformed} of {stats.lines} lines ({share:.0%}) are malformed"
+    if not stats.events:
+        return f"no line of the input is a trace event: {ratio}; is this trace_pipe output?"
+    if stats.malformed >= MALFORMED_MIN and share > MALFORMED_SHARE:
+        return f"the input is mostly not trace_pipe output: {ratio}"
+    return None
+
+
+_REJECTED_WHY = {
+    "dead": "{n} had exited or never ran on this host",
+    "comm": "{n} carry another name now",
+    "reused": "{n} pids belong to other processes now",
+    "exe": "{n} run an executable that no --exe-allow glob matches",
+    "kthread": "{n} are kernel threads",
+    "idle": "{n} were pid 0",
+}
+
+
+def explain_rejections(rejected: dict[str, int], replay: bool, push: bool) -> dict[str, str]:
+    """Why every traced target was rejected, and what to do: ``{"message": ..., "fix": ...}``."""
+    parts = [_REJECTED_WHY.get(code, "{n} failed the check " + code).format(n=n)
+             for code, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
+    message = f"every traced target was rejected by the checks against this host's processes: {', '.join(parts)}"
+    top = max(rejected, key=lambda code: rejected[code])
+    if replay and top in ("dead", "reused", "comm"):
+        fix = ("a capture from another machine (or of processes gone by now) cannot be checked here: replay it "
+               "without --validate to see its processes" + (", and push its pids with --no-validate only on the "
+                                                            "machine where they run" if push else ""))
+    elif top == "exe":
+        fix = "compare the --exe-allow globs (or targets.exe_allow) with `readlink /proc/PID/exe` of the targets"
+    elif top in ("dead", "reused"):
+        fix = "the targets exited before they could be checked: are the gNB and UE running?"
+    elif top == "comm":
+        fix = "the targets renamed themselves after the trace named them: check --match against `ps -L -o tid,comm`"
+    else:
+        fix = "check --match: it selects kernel threads or pid 0"
+    return {"message": message, "fix": fix}
 
 
 def read_chunks(fh: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
@@ -199,7 +259,7 @@ def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
 def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) -> Pipeline:
     """The pipeline for these options."""
     validator, resolve_comm = None, None
-    if opts.validate:
+    if opts.validating:
         from gtp5g_op.trace.validate import ProcessValidator, current_comm
 
         # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
@@ -210,9 +270,10 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
 
 def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None = None) -> WatchResult:
     """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
-    if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
-        raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
-    if opts.replay is None and opts.validate:
+    check_options(opts)
+    if opts.trace_pipe:
+        userfiles.check(opts.trace_pipe, "trace pipe", kinds=userfiles.STREAMS, fix=PIPE_FIX)
+    if opts.replay is None and opts.validating:
         from gtp5g_op.trace.validate import require_host_pid_namespace
 
         require_host_pid_namespace()
@@ -243,10 +304,35 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
         report = pipeline.report()
         if pusher is not None:
             report["push"] = _push_status(pusher, pushed_ok)
+        warning = garbage_warning(pipeline.parser.stats)
+        if warning:
+            report["warnings"] = [warning]
+            if not pipeline.garbage_warned:
+                log.warning("%s", warning)
+        all_rejected = bool(pipeline.rejected) and not pipeline.targets()
+        if all_rejected:
+            report["problem"] = explain_rejections(pipeline.rejected, opts.replay is not None, opts.push)
         code = EXIT_OK
         if pusher is not None and opts.replay is not None and not pushed_ok:
             code = EXIT_API
+        elif all_rejected and opts.replay is not None:
+            code = EXIT_FAIL  # the answer to "which processes of this capture run here?" is "none"
         return WatchResult(report, code, pipeline)
+
+
+def _finite_positive(value: float | None) -> bool:
+    return value is None or (math.isfinite(value) and value > 0)
+
+
+def check_options(opts: WatchOptions) -> None:
+    """Refuse options that cannot be right together, before anything starts."""
+    if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
+        raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
+    if opts.speed is not None and opts.replay is None:
+        raise UsageError("--speed paces a replay, and there is none", "add --replay FILE, or drop --speed")
+    for name, value in (("--speed", opts.speed), ("--duration", opts.duration), ("--interval", opts.interval)):
+        if not _finite_positive(value):
+            raise UsageError(f"{name} {value} is not a finite number above 0", f"give e.g. {name} 10")
 
 
 def _push_status(pusher: Any, ok: bool) -> dict:
@@ -286,8 +372,18 @@ class _Refresher:
         if now - self.last >= REFRESH:
             self.last = now
             self.pipeline.refresh()
+            self._judge_input()
             if self.view:
                 self.view(self.pipeline, self.instance)
+
+    def _judge_input(self) -> None:
+        """Warn once, while still reading, when the input turns out not to be a trace."""
+        stats = self.pipeline.parser.stats
+        if not self.pipeline.garbage_warned and stats.lines >= LIVE_WARN_AFTER:
+            warning = garbage_warning(stats)
+            if warning:
+                log.warning("%s", warning)
+                self.pipeline.garbage_warned = True
 
 
 def _run_replay(
@@ -296,7 +392,7 @@ def _run_replay(
     deadline = time.monotonic() + opts.duration if opts.duration else None
     refresh = _Refresher(pipeline, view)
     with open_replay(opts.replay) as fh:  # type: ignore[arg-type]
-        chunks: Iterator[bytes] = read_chunks(fh)
+        chunks: Iterator[bytes] = _sniffed(read_chunks(fh), _replay_name(opts.replay))  # type: ignore[arg-type]
         if opts.speed:
             chunks = paced(chunks, opts.speed, stop)
         for chunk in chunks:
@@ -310,6 +406,20 @@ def _run_replay(
                 break
     pipeline.finish()
     pipeline.refresh()
+
+
+def _replay_name(replay: str) -> str:
+    return {"-": "standard input", BUNDLED_SAMPLE: "the bundled capture"}.get(replay, f"replay file {replay}")
+
+
+def _sniffed(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """``chunks``, after refusing binary data in the first of them."""
+    first = True
+    for chunk in chunks:
+        if first and chunk:
+            refuse_binary(chunk, what)
+            first = False
+        yield chunk
 
 
 def _run_live(
