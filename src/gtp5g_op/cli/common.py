@@ -9,6 +9,7 @@ with :func:`shared_values`.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -117,3 +118,16 @@ class UserPath(click.ParamType):
         if self.must_exist or path.exists():
             userfiles.check(path, self.what, kinds=self.kinds, readable=self.must_exist, fix=self.fix)
         return path
+
+
+class FiniteFloat(click.FloatRange):
+    """A float option in a range that also refuses ``nan`` and ``inf`` (which pass any range check)."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
+
+
+SECONDS = FiniteFloat(min=0, min_open=True)  # a positive, finite number of seconds (or a speed factor)

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import sys
 
 import click
 
-from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, SECONDS, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
-
-
-def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
-        raise click.BadParameter(f"{value} is not a finite number above 0")
-    return value
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -58,12 +51,12 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
               "without --push]")
 @click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
-@click.option("--speed", type=float, callback=_positive, help="Replay at this many times the recorded pace.")
-@click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
+@click.option("--speed", type=SECONDS, metavar="X", help="Replay at this many times the recorded pace.")
+@click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=SECONDS, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API)
