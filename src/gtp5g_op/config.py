@@ -162,9 +162,11 @@ class Settings:
         """``ca_bundle`` checked (a PEM file, or a directory of certificates as requests takes it)."""
         if self.ca_bundle is None:
             return None
-        kinds = {userfiles.REGULAR, userfiles.DIRECTORY}
-        return str(userfiles.check(self.ca_bundle, "CA bundle", kinds=kinds,
-                                   fix="give the PEM file of the CA that signed the API's certificate"))
+        fix = "give the PEM file of the CA that signed the API's certificate"
+        path = userfiles.check(self.ca_bundle, "CA bundle", kinds={userfiles.REGULAR, userfiles.DIRECTORY}, fix=fix)
+        if not path.is_dir():
+            userfiles.read_text(path, "CA bundle", limit=8 << 20, fix=fix)  # PEM is text: refuse binary data now
+        return str(path)
 
 
 # name -> (toml section, toml key); flags and env use the name.

@@ -3,7 +3,7 @@
 ``gtp5g-op: error: <what>; fix: <what to do>`` on stderr, for the project's own errors (``OpError``) and
 for click's usage errors alike (no such option, missing argument, bad value ...: exit 2, the fix naming
 ``gtp5g-op <command> --help``). Ctrl-C exits 130 without a traceback; a closed stdout (``| head``) ends
-quietly. Anything else is a bug: one line saying so (exit 70, sysexits' EX_SOFTWARE), and the traceback
+quietly with 0 (the reader chose to stop). Anything else is a bug: one line saying so (exit 70, sysexits' EX_SOFTWARE), and the traceback
 with ``-vv``.
 """
 
@@ -80,7 +80,7 @@ def report(exc: BaseException) -> int:
         return exc.exit_code
     if isinstance(exc, (KeyboardInterrupt, click.Abort)):
         return EXIT_INTERRUPTED
-    if isinstance(exc, BrokenPipeError) or (isinstance(exc, OSError) and exc.errno == errno.EPIPE):
+    if isinstance(exc, (_ReaderGone, BrokenPipeError)):
         _silence_stdout()
         return 0
     if logging.getLogger().isEnabledFor(logging.DEBUG):
@@ -99,8 +99,20 @@ def _silence_stdout() -> None:
         pass
 
 
+class _ReaderGone(Exception):
+    """stdout's reader went away (EPIPE); raised past click, whose own handling would exit 1."""
+
+
 class OneErrorPath(click.Group):
     """A click group whose ``main`` reports every failure through :func:`report`."""
+
+    def invoke(self, ctx: click.Context):  # type: ignore[override]
+        try:
+            return super().invoke(ctx)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise _ReaderGone() from exc
+            raise
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
