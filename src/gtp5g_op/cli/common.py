@@ -40,6 +40,11 @@ API: tuple[OptionSpec, ...] = (
     (("--ca-bundle",), {"metavar": "FILE", "help": "CA bundle for an https API."}),
     (("--insecure",), {"is_flag": True, "default": None, "help": "Do not verify the API's TLS certificate."}),
 )
+STATE_DIR: OptionSpec = (
+    ("--state-dir",),
+    {"metavar": "DIR", "help": "State and lock directory, owned by you and not group/other-writable. "
+     "[env GTP5G_OP_STATE_DIR; default /run/gtp5g-op as root]"},
+)
 
 
 def _remember(ctx: click.Context, param: click.Parameter, value: Any) -> Any:

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from gtp5g_op.cli.common import API, GLOBAL, SECONDS, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, SECONDS, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
@@ -59,7 +59,7 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--interval", type=SECONDS, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
@@ -96,6 +96,7 @@ def watch(ctx: click.Context, **kw) -> None:
         execution_time=kw["execution_time"],
         interval=kw["interval"],
         replace=kw["replace"],
+        state_dir=shared_values(ctx).get("state_dir"),
     )
     pusher_factory = None
     if kw["push"]:
@@ -112,6 +113,7 @@ def watch(ctx: click.Context, **kw) -> None:
         replay=kw["replay"],
         trace_pipe=kw["trace_pipe"],
         instance=kw["instance"],
+        state_dir=settings.state_dir,
         buffer_kb=kw["buffer_kb"],
         match=settings.match,
         validate=kw["validate"],

@@ -47,6 +47,7 @@ class WatchOptions:
     replay: str | None = None  # a path, "-" for stdin, or BUNDLED_SAMPLE
     trace_pipe: str | None = None
     instance: str = "gtp5g-op"
+    state_dir: Path | None = None  # instance locks (gtp5g_op.ops.statedir); None: the default
     buffer_kb: int | None = None
     match: str = DEFAULT_MATCH
     validate: bool | None = None  # None: the rule of :attr:`validating`
@@ -436,7 +437,8 @@ def _run_live(
     if opts.trace_pipe:
         path = Path(opts.trace_pipe)
     else:
-        instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb))
+        instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb,
+                                                                       state_dir=opts.state_dir))
         path = instance.pipe
         pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
     if opts.with_tracer:
