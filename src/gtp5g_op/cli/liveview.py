@@ -103,7 +103,11 @@ def stats_line(report: dict) -> Text:
 def print_summary(report: dict, console: Console | None = None) -> None:
     """Print the summary table, each rejection reason once, the statistics and any problem."""
     console = console or make_console()
-    console.print(summary_table(report, console.width))
+    if report["processes"]:
+        console.print(summary_table(report, console.width))
+    else:
+        console.print(Text("no target process" + (" passed validation" if report.get("rejected") else
+                                                  " in the trace (no event named a comm that --match selects)")))
     for note in rejection_notes(report):
         console.print(note)
     console.print(stats_line(report))

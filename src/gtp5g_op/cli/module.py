@@ -117,7 +117,7 @@ def patch_module(ctx: click.Context, src: Path, set_file: Path | None, extra: tu
             click.echo(json.dumps({"ok": ok, "functions": [s.as_dict() for s in statuses]}))
         else:
             console.print(_status_table(statuses, f"gtp5g exports in {src}", console.width))
-            click.echo("all exported" if ok else "not all exported: run gtp5g-op patch-module --src DIR")
+            click.echo("all exported" if ok else f"not all exported: run gtp5g-op patch-module --src {safe(src)}")
         if not ok:
             sys.exit(EXIT_FAIL)
         return

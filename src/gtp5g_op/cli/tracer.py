@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from gtp5g_op.cli.common import GLOBAL, FiniteFloat, UserPath, command_options, shared_options
-from gtp5g_op.cli.output import console as make_console, safe, text
+from gtp5g_op.cli.output import Col, console as make_console, fit_table, safe, text
 from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_selftest
@@ -126,14 +126,12 @@ def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance:
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        table = Table(title="tracer selftest", title_justify="left")
-        for col in ("step", "result", "detail"):
-            table.add_column(col, overflow="fold")
         marks = {True: Text("pass", style="green"), False: Text("FAIL", style="red"),
                  None: Text("skipped", style="dim")}
-        for s in result.steps:
-            table.add_row(text(s.name), marks[s.ok], text(s.detail))
-        make_console().print(table)
+        console = make_console()
+        cols = [Col("step", key=True, wrap=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
+        rows = [[text(s.name), marks[s.ok], text(s.detail)] for s in result.steps]
+        console.print(fit_table(Text("tracer selftest"), cols, rows, console.width))
         for line in result.lines:
             click.echo(safe(line))
     if not result.ok:

@@ -13,6 +13,7 @@ log = logging.getLogger(__name__)
 
 # Rejections about a process that no longer exists (or never will be one): not kept as records.
 FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
+REJECTED_SUBJECTS_MAX = 1 << 16  # distinct rejected subjects remembered per reason (for the explanation)
 
 
 class Validator(Protocol):
@@ -52,7 +53,8 @@ class Pipeline:
         self.metrics = metrics
         self.threads = threads and validator is not None
         self.records: dict[tuple[int, str], ProcessRecord] = {}
-        self.rejected: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}  # rejections by reason code (a forgotten subject may recur)
+        self.rejected_subjects: dict[str, set[tuple[int, str]]] = {}  # distinct subjects, bounded
         self._sent: frozenset[Target] | None = None
         self._reported = Stats()
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
@@ -101,6 +103,9 @@ class Pipeline:
         rec.valid, rec.reason, rec.reason_code = bool(verdict.ok), verdict.reason, verdict.code
         if not verdict.ok:
             self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
+            subjects = self.rejected_subjects.setdefault(verdict.code, set())
+            if len(subjects) < REJECTED_SUBJECTS_MAX:
+                subjects.add((rec.pid, rec.comm))
             if self.metrics is not None:
                 self.metrics.observe_rejected([verdict.code])
             log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)

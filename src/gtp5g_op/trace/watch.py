@@ -122,7 +122,8 @@ _REJECTED_WHY = {
 
 
 def explain_rejections(rejected: dict[str, int], replay: bool, push: bool) -> dict[str, str]:
-    """Why every traced target was rejected, and what to do: ``{"message": ..., "fix": ...}``."""
+    """Why every traced target was rejected (``rejected``: distinct subjects per reason code), and what to
+    do: ``{"message": ..., "fix": ...}``."""
     parts = [_REJECTED_WHY.get(code, "{n} failed the check " + code).format(n=n)
              for code, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
     message = f"every traced target was rejected by the checks against this host's processes: {', '.join(parts)}"
@@ -312,7 +313,8 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
                 log.warning("%s", warning)
         all_rejected = bool(pipeline.rejected) and not pipeline.targets()
         if all_rejected:
-            report["problem"] = explain_rejections(pipeline.rejected, opts.replay is not None, opts.push)
+            distinct = {code: len(keys) for code, keys in pipeline.rejected_subjects.items()}
+            report["problem"] = explain_rejections(distinct, opts.replay is not None, opts.push)
         code = EXIT_OK
         if pusher is not None and opts.replay is not None and not pushed_ok:
             code = EXIT_API
