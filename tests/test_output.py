@@ -46,7 +46,8 @@ def render(renderable, width: int = 80) -> str:
 
 
 def assert_fits(out: str, width: int = 80) -> None:
-    assert max(len(line.rstrip()) for line in out.splitlines()) <= width, out
+    """Every line of every table fits (a sentence after a table may be longer: it holds a path)."""
+    assert max(len(line.rstrip()) for line in out.splitlines() if line[:1] in "┏┃┡│└") <= width, out
 
 
 def cells(out: str) -> set[str]:

@@ -129,7 +129,7 @@ def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance:
         marks = {True: Text("pass", style="green"), False: Text("FAIL", style="red"),
                  None: Text("skipped", style="dim")}
         console = make_console()
-        cols = [Col("step", key=True, wrap=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
+        cols = [Col("step", key=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
         rows = [[text(s.name), marks[s.ok], text(s.detail)] for s in result.steps]
         console.print(fit_table(Text("tracer selftest"), cols, rows, console.width))
         for line in result.lines:

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 # Rejections about a process that no longer exists (or never will be one): not kept as records.
 FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
-REJECTED_SUBJECTS_MAX = 1 << 16  # distinct rejected subjects remembered per reason (for the explanation)
+REJECTED_SUBJECTS_MAX = 1000  # distinct rejected subjects remembered per reason (memory stays flat)
 
 
 class Validator(Protocol):

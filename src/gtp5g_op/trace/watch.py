@@ -22,7 +22,7 @@ from typing import IO, Any, Callable, Iterator
 from gtp5g_op import userfiles
 from gtp5g_op.errors import EXIT_API, EXIT_FAIL, EXIT_OK, EnvironmentProblem, UsageError
 from gtp5g_op.trace.parser import DEFAULT_MATCH, Stats, TraceParser
-from gtp5g_op.trace.pipeline import Pipeline
+from gtp5g_op.trace.pipeline import REJECTED_SUBJECTS_MAX, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +124,8 @@ _REJECTED_WHY = {
 def explain_rejections(rejected: dict[str, int], replay: bool, push: bool) -> dict[str, str]:
     """Why every traced target was rejected (``rejected``: distinct subjects per reason code), and what to
     do: ``{"message": ..., "fix": ...}``."""
-    parts = [_REJECTED_WHY.get(code, "{n} failed the check " + code).format(n=n)
+    parts = [_REJECTED_WHY.get(code, "{n} failed the check " + code).format(
+                 n=f"{n} or more" if n >= REJECTED_SUBJECTS_MAX else n)
              for code, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
     message = f"every traced target was rejected by the checks against this host's processes: {', '.join(parts)}"
     top = max(rejected, key=lambda code: rejected[code])
