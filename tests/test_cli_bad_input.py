@@ -296,3 +296,12 @@ def test_a_bug_is_one_line_exit_70_and_vv_shows_the_traceback(monkeypatch):
                                      "in gtp5g-op: rerun with -vv for the traceback and report it")
     result = CliRunner().invoke(main, ["doctor", "-vv"])
     assert result.exit_code == 70 and "Traceback" in result.stderr and "ZeroDivisionError" in result.stderr
+
+
+def test_the_workload_helper_uses_the_same_error_path():
+    proc = subprocess.run([sys.executable, "-m", "gtp5g_op.kernel.workload", "--rate", "fast"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "gtp5g-op: error: invalid value for '--rate': 'fast' is not a valid float; "
+        "fix: `python -m gtp5g_op.kernel.workload --help` lists its options and examples"]

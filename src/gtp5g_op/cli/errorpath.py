@@ -28,12 +28,17 @@ log = logging.getLogger(__name__)
 
 
 def command_path(ctx: click.Context | None) -> str:
-    """``gtp5g-op strategies list`` for a context, whatever name the program was started under."""
-    names = []
+    """``gtp5g-op strategies list`` for a context, whatever name the program was started under
+    (``python -m gtp5g_op``); a stand-alone command keeps its own name."""
+    chain = []
     while ctx is not None:
-        names.append(ctx.info_name or "")
+        chain.append(ctx)
         ctx = ctx.parent
-    return " ".join([PROG, *reversed(names[:-1])]) if names else PROG
+    if not chain:
+        return PROG
+    root = chain[-1]
+    first = PROG if isinstance(root.command, OneErrorPath) else (root.info_name or PROG)
+    return " ".join([first, *(c.info_name or "" for c in reversed(chain[:-1]))])
 
 
 def _sentence(text: str) -> str:
@@ -49,7 +54,9 @@ def usage_error(exc: click.UsageError) -> OpError:
     cmd = command_path(exc.ctx)
     helps = f"`{cmd} --help` lists its options and examples"
     if isinstance(exc, click.NoSuchOption):
-        near = [p for p in (exc.possibilities or [])]
+        hidden = {o for p in (exc.ctx.command.params if exc.ctx else []) if getattr(p, "hidden", False)
+                  for o in p.opts}
+        near = [p for p in (exc.possibilities or []) if p not in hidden]
         fix = f"did you mean {' or '.join(near)}? {helps}" if near else helps
         return OpError(f"`{cmd}` has no option {exc.option_name}", fix, EXIT_USAGE)
     message = _sentence(exc.format_message())
@@ -97,6 +104,17 @@ def _silence_stdout() -> None:
         os.dup2(devnull, sys.stdout.fileno())
     except (OSError, ValueError, AttributeError):  # not a real file (CliRunner): nothing to silence
         pass
+
+
+def run(command: click.Command, args: list[str] | None = None) -> None:
+    """Run a stand-alone click command (``python -m gtp5g_op.kernel.workload``) with this error path."""
+    try:
+        result = command.main(args, standalone_mode=False)
+    except BaseException as exc:  # noqa: BLE001 - as OneErrorPath.main
+        if isinstance(exc, SystemExit):
+            raise
+        sys.exit(report(exc))
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 class _ReaderGone(Exception):

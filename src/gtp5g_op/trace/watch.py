@@ -334,9 +334,10 @@ def check_options(opts: WatchOptions) -> None:
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
     if opts.speed is not None and opts.replay is None:
         raise UsageError("--speed paces a replay, and there is none", "add --replay FILE, or drop --speed")
-    for name, value in (("--speed", opts.speed), ("--duration", opts.duration), ("--interval", opts.interval)):
+    for name, value, fix in (("speed", opts.speed, "--speed 10"), ("duration", opts.duration, "--duration 30"),
+                             ("interval", opts.interval, "--interval 10 (or push.interval in the config file)")):
         if not _finite_positive(value):
-            raise UsageError(f"{name} {value} is not a finite number above 0", f"give e.g. {name} 10")
+            raise UsageError(f"the {name} {value} is not a finite number above 0", f"give e.g. {fix}")
 
 
 def _push_status(pusher: Any, ok: bool) -> dict:
