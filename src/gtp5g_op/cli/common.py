@@ -9,7 +9,6 @@ with :func:`shared_values`.
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,25 @@ from click.core import ParameterSource
 from gtp5g_op import userfiles
 
 _KEY = "gtp5g_op.shared"
+
+
+class Number(click.ParamType):
+    """A finite number in a range: click's FloatRange lets nan and inf through (nan compares false)."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0, maximum: float = 1e9, *, min_open: bool = True):
+        self.minimum, self.maximum, self.min_open = minimum, maximum, min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from gtp5g_op.config import finite_number
+        from gtp5g_op.errors import UsageError
+
+        what = param.opts[0] if param else "value"
+        try:
+            return finite_number(value, what, self.minimum, self.maximum, min_open=self.min_open)
+        except UsageError as exc:
+            self.fail(f"{exc.message.removeprefix(what + '=')}; fix: {exc.fix}", param, ctx)
 
 OptionSpec = tuple[tuple[str, ...], dict[str, Any]]
 
@@ -124,15 +142,3 @@ class UserPath(click.ParamType):
             userfiles.check(path, self.what, kinds=self.kinds, readable=self.must_exist, fix=self.fix)
         return path
 
-
-class FiniteFloat(click.FloatRange):
-    """A float option in a range that also refuses ``nan`` and ``inf`` (which pass any range check)."""
-
-    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
-        number = super().convert(value, param, ctx)
-        if not math.isfinite(number):
-            self.fail(f"{value} is not a finite number", param, ctx)
-        return number
-
-
-SECONDS = FiniteFloat(min=0, min_open=True)  # a positive, finite number of seconds (or a speed factor)

@@ -59,10 +59,11 @@ def usage_error(exc: click.UsageError) -> OpError:
         near = [p for p in (exc.possibilities or []) if p not in hidden]
         fix = f"did you mean {' or '.join(near)}? {helps}" if near else helps
         return OpError(f"`{cmd}` has no option {exc.option_name}", fix, EXIT_USAGE)
-    message = _sentence(exc.format_message())
+    message, _, fix = exc.format_message().partition("; fix: ")  # a parameter type may name its own fix
+    message = _sentence(message)
     if re.match(r"no such command", message):
         return OpError(message, f"`{cmd} --help` lists the commands", EXIT_USAGE)
-    return OpError(message, helps, EXIT_USAGE)
+    return OpError(message, f"{_sentence(fix)}; {helps}" if fix else helps, EXIT_USAGE)
 
 
 def print_error(err: OpError) -> None:

@@ -38,6 +38,8 @@ def _ts(value: float | None) -> str:
 
 
 def _state(p: dict) -> Text:
+    if p.get("exited"):
+        return Text("exited", style="dim")
     if p["valid"]:
         return Text("thread of target" if p.get("from_threads") and not p["events"] else "valid", style="green")
     return Text(f"rejected ({p.get('code') or 'see below'})", style="red")
@@ -139,7 +141,8 @@ class LiveView:
             return f"{(p['events'] - n0) / (now - t0):.0f}" if now > t0 else "0"
 
         def pushed(p: dict) -> str:
-            return "yes" if status is not None and status.last_ok and p.get("valid") is not False else "-"
+            return ("yes" if status is not None and status.last_ok and p.get("valid") is not False
+                    and not p.get("exited") else "-")
 
         table = summary_table(report, self.console.width, "gtp5g-op watch: targets (Ctrl-C to stop)",
                               {"ev/s": rate, "pushed": pushed})

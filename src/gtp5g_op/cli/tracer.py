@@ -13,7 +13,7 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from gtp5g_op.cli.common import GLOBAL, FiniteFloat, UserPath, command_options, shared_options
+from gtp5g_op.cli.common import GLOBAL, Number, UserPath, command_options, shared_options
 from gtp5g_op.cli.output import Col, console as make_console, fit_table, safe, text
 from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
@@ -66,7 +66,7 @@ def tracer() -> None:
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
-@click.option("--duration", type=FiniteFloat(min=0),
+@click.option("--duration", type=Number(0, 1e9, min_open=False),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
 @command_options(*GLOBAL)
@@ -104,7 +104,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
 @tracer.command("selftest")
 @click.option("--obj", type=_BPF_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
-@click.option("--timeout", type=FiniteFloat(min=0.1), default=5.0, show_default=True,
+@click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
               help="Seconds to wait for the probe's lines.")
 @click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from gtp5g_op.cli.common import API, GLOBAL, SECONDS, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
@@ -49,14 +49,20 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--validate/--no-validate", default=None,
               help="Check every subject against this host's processes. [default: on, except for a --replay "
               "without --push]")
-@click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
+@click.option("--exe-allow", metavar="PATH", multiple=True,
+              help="Accept only these executables: absolute paths, '*' within one level (repeatable). "
+              "[default: any root-owned executable named like a target]")
+@click.option("--allow-user-writable-exe", is_flag=True, default=None,
+              help="Also accept executables that a non-root user owns or could replace (unsafe).")
+@click.option("--uid-allow", metavar="UID", type=click.IntRange(0, 2**32 - 2), multiple=True,
+              help="Accept only processes whose real uid is one of these (repeatable). [default: any]")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
-@click.option("--speed", type=SECONDS, metavar="X", help="Replay at this many times the recorded pace.")
-@click.option("--duration", type=SECONDS, metavar="SECONDS", help="Stop after this long.")
+@click.option("--speed", type=Number(0, 1e6), metavar="X", help="Replay at this many times the recorded pace.")
+@click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=SECONDS, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=Number(0, 86400), metavar="SECONDS", help="Re-send the set this often. [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)
@@ -81,7 +87,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
-      gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
+      gtp5g-op watch --push --exe-allow /opt/UERANSIM/build/nr-gnb --exe-allow /opt/UERANSIM/build/nr-ue
     """
     setup_logs(ctx)
     from gtp5g_op.config import load_settings
@@ -91,6 +97,8 @@ def watch(ctx: click.Context, **kw) -> None:
         **api_flags(ctx),
         match=kw["match"],
         exe_allow=kw["exe_allow"] or None,
+        allow_user_writable_exe=kw["allow_user_writable_exe"],
+        uid_allow=kw["uid_allow"] or None,
         threads=kw["threads"],
         priority=kw["priority"],
         execution_time=kw["execution_time"],
@@ -118,6 +126,8 @@ def watch(ctx: click.Context, **kw) -> None:
         match=settings.match,
         validate=kw["validate"],
         exe_allow=settings.exe_allow,
+        allow_user_writable_exe=settings.allow_user_writable_exe,
+        uid_allow=settings.uid_allow,
         threads=settings.threads,
         speed=kw["speed"],
         duration=kw["duration"],
