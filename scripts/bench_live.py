@@ -54,7 +54,8 @@ def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float
     instance = f"gtp5g-op-bench-{os.getpid()}"
     comm = f"bench{os.getpid()}"[:15]  # a name of its own: others' probes and loads share the kernel's lines
     cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--json", "--instance", instance, "--match", f"^{comm}$",
-           "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2), "--read-batch", str(read_batch)]
+           "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2), "--read-batch", str(read_batch),
+           "--exe-allow", os.path.realpath(sys.executable)]  # the load is this interpreter, renamed
     with tempfile.TemporaryFile() as out:
         watch = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
         pipe = Path("/sys/kernel/tracing/instances") / instance / "trace_pipe"

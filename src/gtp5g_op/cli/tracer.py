@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Iterable
 
 import click
-from rich.console import Console, Group
-from rich.table import Table
+from rich.console import Group
 from rich.text import Text
 
-from gtp5g_op.cli.common import Number
+from gtp5g_op.cli.common import GLOBAL, Number, UserPath, command_options, shared_options
+from gtp5g_op.cli.output import Col, fit_table, safe, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import DEFAULT_INTERVAL, MAX_INTERVAL, BpfObject, ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_selftest
@@ -24,28 +25,26 @@ from gtp5g_op.kernel.tracer_build import default_out_dir, ensure_built
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _OBJ = click.Path(dir_okay=False, exists=True, path_type=Path)
+_BPF_OBJ = UserPath("BPF object", fix="give a .bpf.o that gtp5g-op build tracer wrote")
 
 
-def report_table(results: Iterable[ProgramResult]) -> Group:
-    """The per-program verdicts, readable at 80 columns (also used by ``watch --with-tracer``).
+def report_table(results: Iterable[ProgramResult], width: int = 80) -> Group:
+    """The per-program verdicts, readable at ``width`` columns.
 
     One row per hook: how it attached (``via``: fentry, fexit, kprobe, kretprobe, tp) or ``-``; a
     reason is printed once below the table and referred to by number, however many rows share it.
     """
     results = list(results)
-    table = Table(title=f"BPF programs: {sum(r.attached for r in results)} of {len(results)} attached",
-                  title_justify="left")
-    table.add_column("hook", no_wrap=True)
-    table.add_column("via", no_wrap=True)
-    table.add_column("note", no_wrap=True)
+    rows: list[list[Text]] = []
     reasons: dict[str, int] = {}
     for r in results:
         why = r.error if not r.attached else (f"fentry/fexit refused, kprobes used: {r.fallback}" if r.fallback else "")
         ref = f"[{reasons.setdefault(why, len(reasons) + 1)}]" if why else ""
         via = Text(r.mechanism, style="green") if r.attached else Text("-", style="red")
-        table.add_row(Text(f"{r.kind}/{r.function}" if r.kind != "tp" else r.function), via, Text(ref))
-    notes = [Text(f"[{n}] {why}") for why, n in reasons.items()]
-    return Group(table, *notes)
+        rows.append([text(f"{r.kind}/{r.function}" if r.kind != "tp" else r.function), via, Text(ref)])
+    cols = [Col("hook", key=True), Col("via", key=True), Col("note", key=True)]
+    title = Text(f"BPF programs: {sum(r.attached for r in results)} of {len(results)} attached")
+    return Group(fit_table(title, cols, rows, width), *(text(f"[{n}] {why}") for why, n in reasons.items()))
 
 
 def _wait_for_signal(duration: float | None, bpf: BpfObject | None = None, every: float = DEFAULT_INTERVAL) -> None:
@@ -68,6 +67,7 @@ def _wait_for_signal(duration: float | None, bpf: BpfObject | None = None, every
 
 
 @click.group("tracer")
+@shared_options(*GLOBAL)
 def tracer() -> None:
     """Run the bundled BPF tracer on gtp5g, or prove the BPF path with a selftest.
 
@@ -81,7 +81,7 @@ def tracer() -> None:
 
 
 @tracer.command("run")
-@click.option("--obj", type=_OBJ, help="A built gtp5g.bpf.o (default: build into --build-dir if needed).")
+@click.option("--obj", type=_BPF_OBJ, help="A built gtp5g.bpf.o (default: build into --build-dir if needed).")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
@@ -93,6 +93,7 @@ def tracer() -> None:
 @click.option("--duration", type=Number(0, 1e9, min_open=False),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], interval: float | None,
         selftest_probe: bool, duration: float | None, as_json: bool) -> None:
@@ -125,7 +126,8 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], int
                                    if bpf.aggregates else None,
                                    "programs": [r.to_dict() for r in report]}))
         else:
-            Console().print(report_table(report))
+            console = make_console()
+            console.print(report_table(report, console.width))
         if not bpf.attached:
             raise OpError("no tracer program attached", fix="see why in the report above")
         if not as_json:
@@ -137,12 +139,13 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], int
 
 
 @tracer.command("selftest")
-@click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
+@click.option("--obj", type=_BPF_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
               help="Seconds to wait for the probe's lines.")
 @click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance: str, as_json: bool) -> None:
     """Prove BPF loading, bpf_printk, the tracefs instance pipe and the parser end to end.
@@ -160,15 +163,14 @@ def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance:
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        table = Table(title="tracer selftest", title_justify="left")
-        for col in ("step", "result", "detail"):
-            table.add_column(col, overflow="fold")
-        marks = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skipped[/]"}
-        for s in result.steps:
-            table.add_row(s.name, marks[s.ok], s.detail)
-        Console().print(table)
+        marks = {True: Text("pass", style="green"), False: Text("FAIL", style="red"),
+                 None: Text("skipped", style="dim")}
+        console = make_console()
+        cols = [Col("step", key=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
+        rows = [[text(s.name), marks[s.ok], text(s.detail)] for s in result.steps]
+        console.print(fit_table(Text("tracer selftest"), cols, rows, console.width))
         for line in result.lines:
-            click.echo(line)
+            click.echo(safe(line))
     if not result.ok:
         raise SystemExit(EXIT_FAIL)
 
@@ -179,6 +181,7 @@ def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance:
               help="The kernel's BTF, for vmlinux.h.")
 @click.option("--module-btf", type=_OBJ, help="gtp5g's BTF [default: /sys/kernel/btf/gtp5g when loaded].")
 @click.option("--json", "as_json", is_flag=True, help="Print the built objects as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def build_tracer(out_dir: Path | None, kernel_btf: Path, module_btf: Path | None, as_json: bool) -> None:
     """Build the BPF tracer: vmlinux.h with bpftool, then clang for gtp5g.bpf.o and selftest.bpf.o.
