@@ -24,9 +24,11 @@ from gtp5g_op.trace.parser import parse_line
 FUNCTIONS = ("gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "gtp5g_xmit_skb_ipv4",
              "gtp5g_push_header", "pdr_find_by_gtp1u", "policePacket")
 FEXIT = ("gtp5g_encap_recv", "gtp5g_handle_skb_ipv4", "ip4_find_route", "pdr_find_by_gtp1u", "policePacket")
-# docs/design.md: <hook>: PID=<pid>, TGID=<tgid>, CPU=<cpu>, LEN=<len>, DEV=<ifname|->[, TEID=0x<teid>][, RET=<ret>]
-FORMAT_RE = re.compile(rb"(?P<hook>(fentry|fexit|selftest)/\w+): PID=%u, TGID=%u, CPU=%u, LEN=(%u|0), "
-                       rb"DEV=(%s|-)(, TEID=0x%08x)?(, RET=%l?d)?")
+# tracer/README.md: <hook>: N=<n>, PID=<pid>, TGID=<tgid>, CPU=<cpu>, LEN=<len>, DEV=<ifname|->[, TEID=..][, RET=..]
+# (the selftest probe prints one line per event, without N=)
+FORMAT_RE = re.compile(rb"(?P<hook>(fentry|fexit|selftest)/\w+): (?P<n>N=%llu, )?PID=%u, TGID=%u, CPU=%u, "
+                       rb"LEN=(%u|0), DEV=(%s|-)(, TEID=0x%08x)?(, RET=%l?d)?")
+FLUSH_FORMAT = b"%s: N=%llu, TGID=%u, pid=%u (%s)"  # the flush program's line: the hook name comes as %s
 
 
 def _have_toolchain() -> None:
@@ -58,11 +60,13 @@ def test_sources_are_found_as_package_data():
     assert src.parent.name == "data", "the sources must be reachable through gtp5g_op/data/tracer"
 
 
-def test_gtp5g_object_has_one_program_per_hook(built):
+def test_gtp5g_object_has_one_program_per_hook_and_a_kprobe_twin_of_each(built):
     sections = _sections(built["gtp5g"])
     want = [f"fentry/{fn}" for fn in FUNCTIONS] + [f"fexit/{fn}" for fn in FEXIT]
     assert sorted(s for s in sections if s.startswith(("fentry/", "fexit/"))) == sorted(want)
-    assert {"license", ".BTF", ".BTF.ext"} <= set(sections)
+    twins = [f"kprobe/{fn}" for fn in FUNCTIONS] + [f"kretprobe/{fn}" for fn in FEXIT]
+    assert sorted(s for s in sections if s.startswith(("kprobe/", "kretprobe/"))) == sorted(twins)
+    assert {"license", ".BTF", ".BTF.ext", "raw_tp", ".rodata.agg", ".maps"} <= set(sections)
 
 
 def test_selftest_object_has_tracepoint_programs(built):
@@ -70,33 +74,53 @@ def test_selftest_object_has_tracepoint_programs(built):
     assert {"tp/syscalls/sys_enter_getppid", "tp/syscalls/sys_exit_getppid", "license"} <= set(sections)
 
 
+def _split(strings: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """.rodata strings: (printk formats, the hook-name table the flush program prints from)."""
+    return [f for f in strings if b"%" in f], [f for f in strings if b"%" not in f]
+
+
 def test_every_printk_format_is_the_documented_line(built):
-    formats = _formats(built["gtp5g"]) + _formats(built["selftest"])
-    assert formats and all(FORMAT_RE.fullmatch(f) for f in formats), formats
+    formats, names = _split(_formats(built["gtp5g"]))
+    st_formats, _ = _split(_formats(built["selftest"]))
+    assert FLUSH_FORMAT in formats
+    formats.remove(FLUSH_FORMAT)
+    assert all(FORMAT_RE.fullmatch(f) for f in formats + st_formats), formats + st_formats
+    assert all(FORMAT_RE.fullmatch(f)["n"] for f in formats) and not any(FORMAT_RE.fullmatch(f)["n"] for f in st_formats)
     hooks = {FORMAT_RE.fullmatch(f)["hook"].decode() for f in formats}
-    assert hooks == ({f"fentry/{fn}" for fn in FUNCTIONS} | {f"fexit/{fn}" for fn in FEXIT}
-                     | {"selftest/sys_enter_getppid", "selftest/sys_exit_getppid"})
+    assert hooks == {f"fentry/{fn}" for fn in FUNCTIONS} | {f"fexit/{fn}" for fn in FEXIT}
+    assert {n.decode() for n in names} == hooks  # the flush prints the same hook names
+    assert {FORMAT_RE.fullmatch(f)["hook"].decode() for f in st_formats} == {
+        "selftest/sys_enter_getppid", "selftest/sys_exit_getppid"}
     assert any(b"TEID=0x%08x" in f and f.startswith(b"fentry/gtp5g_encap_recv") for f in formats)
 
 
+_CONV = re.compile(r"%(08x|l{0,2}[uds])")
+
+
 def _printf(fmt: bytes, values: list) -> str:
-    """Expand a bpf_printk format the way the kernel does for %u %d %ld %s %08x."""
+    """Expand a bpf_printk format the way the kernel does for %u %d %ld %llu %s %08x."""
     it = iter(values)
-    return re.sub(r"%(08x|l?[uds])", lambda m: format(next(it), m[1].lstrip("l").replace("u", "d")),
-                  fmt.decode())
+    return _CONV.sub(lambda m: format(next(it), m[1].lstrip("l").replace("u", "d")), fmt.decode())
 
 
-def test_the_parser_reads_every_hook_line_as_rule_2(built):
-    """Each format, filled in as bpf_printk would and framed as trace_pipe prints it, parses to its subject."""
-    for fmt in _formats(built["gtp5g"]):
-        n = len(re.findall(rb"%(08x|l?[uds])", fmt))
-        values = [1150369, 1150348, 5, 108, "n3", 1, 0][:n]
-        msg = _printf(fmt, values)
-        line = f"          nr-gnb-1150369 [005] ..s21 34202.967769: bpf_trace_printk: {msg}".encode()
+def test_the_parser_reads_every_hook_line_and_its_count(built):
+    """Each format, filled in as bpf_printk would and framed as trace_pipe prints it, parses to its subject
+    and its count: rule 2 for the event lines, rule 1 (the kernel's comm) for the flush line."""
+    formats, _ = _split(_formats(built["gtp5g"]))
+    for fmt in formats:
+        if fmt == FLUSH_FORMAT:
+            msg = _printf(fmt, ["fexit/ip4_find_route", 17, 1150348, 1150369, "nr-gnb"])
+            line = f"     gtp5g-op-77 [001] ...11 34203.5: bpf_trace_printk: {msg}".encode()
+            want, hook = (1, 1150369, None, "nr-gnb"), "fexit/ip4_find_route"
+        else:
+            n = len(_CONV.findall(fmt.decode()))
+            msg = _printf(fmt, [17, 1150369, 1150348, 5, 108, "n3", 1, 0][:n])
+            line = f"          nr-gnb-1150369 [005] ..s21 34202.967769: bpf_trace_printk: {msg}".encode()
+            want, hook = (2, 1150369, 1150348, "nr-gnb"), fmt.split(b":")[0].decode()
         ev = parse_line(line)
         assert ev is not None, line
-        assert (ev.rule, ev.subject_pid, ev.subject_tgid, ev.subject_comm) == (2, 1150369, 1150348, "nr-gnb")
-        assert ev.hook == fmt.split(b":")[0].decode()
+        assert (ev.rule, ev.subject_pid, ev.subject_tgid, ev.subject_comm) == want, line
+        assert (ev.hook, ev.count) == (hook, 17), line
 
 
 def test_objects_are_fresh_after_a_build(built):
