@@ -106,7 +106,6 @@ def test_run_selftest_probe_stays_attached_while_a_watch_reads(build_dir, tmp_pa
     import sys
     import time
 
-    env = dict(os.environ, XDG_CACHE_HOME=str(build_dir.parent.parent))
     probe = subprocess.Popen([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--selftest-probe",
                               "--build-dir", str(build_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)
@@ -165,3 +164,20 @@ def test_build_without_clang_is_one_line_with_the_fix(tmp_path, monkeypatch):
 def test_run_interval_must_be_a_finite_number_of_seconds(value):
     result = CliRunner().invoke(main, ["tracer", "run", "--interval", value, "--duration", "0"])
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_run_flushes_idle_counts_every_interval_while_it_holds():
+    """The hold loop of `tracer run` asks the loader to flush once per interval (a stand-in object that
+    counts the calls: the real flush is tested against the kernel in test_bpf_loader.py)."""
+    from gtp5g_op.cli.tracer import _wait_for_signal
+
+    class Counting:
+        aggregates, calls = True, 0
+
+        def flush(self, force: bool = False) -> bool:
+            self.calls += 1
+            return True
+
+    bpf = Counting()
+    _wait_for_signal(0.55, bpf, every=0.1)  # type: ignore[arg-type]
+    assert 4 <= bpf.calls <= 6

@@ -35,7 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Iterable
 
-from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.errors import EnvironmentProblem, UsageError
 
 log = logging.getLogger(__name__)
 
