@@ -255,7 +255,90 @@ def guest(args: argparse.Namespace) -> dict:
     table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
     doc["tracer_run_table"] = table.stdout + table.stderr
+    doc["watch_with_tracer"] = watch_phase(args)
     return doc
+
+
+def watch_phase(args: argparse.Namespace) -> dict:
+    """`watch --with-tracer` (validation on) while a thread sends uplink G-PDUs, and beside it a plain reader
+    of another instance: the watch's event count for that thread must equal the sum of N over every line
+    about it (the last ones come only from the tracer's final flush at detach). The sender stays alive
+    until the watch ends, so validation can see it. Softirq work that the kernel defers to ksoftirqd is
+    that thread's, not the sender's: the total over all threads is compared with the packets too."""
+    from gtp5g_op.trace.parser import parse_line
+    from gtp5g_op.trace.tracefs import TraceInstance, tail
+
+    instance = f"gtp5g-op-vmwatch-{os.getpid()}"
+    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--json", "--no-threads",
+           "--duration", str(args.seconds + 3), "--instance", instance,
+           "--exe-allow", os.path.realpath(sys.executable)]  # the sender is a thread of this interpreter
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("127.0.0.1", PORT))
+    create_gtp5g_device("gtp5gwatch", sock.fileno())
+    seen: list[bytes] = []
+    sent: dict[str, int] = {}
+    done = threading.Event()
+    with TraceInstance(f"gtp5g-op-vmwatch-check-{os.getpid()}") as check:
+        stop = threading.Event()
+        rd = threading.Thread(target=lambda: [seen.append(c) for c in tail(check.pipe, stop)], daemon=True)
+        rd.start()
+        watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 env=dict(os.environ, XDG_CACHE_HOME=args.cache))
+        try:
+            deadline = time.monotonic() + 120
+            while not subprocess.run(["bpftool", "prog", "show", "name", "gtp5g_op_flush"], capture_output=True,
+                                     text=True).stdout.strip():
+                if watch.poll() is not None or time.monotonic() > deadline:
+                    return {"error": f"the watch did not load the tracer: {watch.stderr.read()[-800:]}"}
+                time.sleep(0.5)
+            time.sleep(1.0)
+
+            def send() -> None:
+                _name_thread(b"nr-gnb")
+                out = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+                n, start, pkt = 0, time.monotonic(), gpdu(0x4321)
+                while time.monotonic() - start < args.seconds:
+                    while n < int((time.monotonic() - start) * args.rate) + 1:
+                        out.sendto(pkt, ("127.0.0.1", PORT))
+                        n += 1
+                    time.sleep(0.001)
+                sent.update(tid=threading.get_native_id(), packets=n)
+                out.close()
+                done.wait(180)  # alive until the watch has ended: it validates live processes
+
+            d0 = backlog_drops()
+            sender = threading.Thread(target=send)
+            sender.start()
+            out, err = watch.communicate(timeout=180)
+            drops = backlog_drops() - d0
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+            done.set()
+        time.sleep(1.0)
+        stop.set()
+        rd.join(3)
+    subprocess.run(["ip", "link", "del", "gtp5gwatch"], check=False)
+    sock.close()
+    if watch.returncode != 0:
+        return {"error": f"watch exited {watch.returncode}: {err[-800:]}"}
+    expected, total = 0, 0
+    for raw in b"".join(seen).split(b"\n"):
+        ev = parse_line(raw)
+        if ev is None or not (ev.hook or "").startswith(("fentry/", "fexit/")):
+            continue
+        total += ev.count
+        expected += ev.count if ev.subject_pid == sent["tid"] else 0
+    report = json.loads(out)
+    mine = [p for p in report["processes"] if p["pid"] == sent["tid"]]
+    events = mine[0]["events"] if mine else 0
+    return {"packets": sent["packets"], "valid": bool(mine and mine[0].get("valid")), "watch_events": events,
+            "events_in_the_lines_about_the_sender": expected, "watch_equals_lines": events == expected,
+            "events_all_threads": total, "backlog_drops": drops,
+            "all_threads_equal_4_per_packet_received": total == 4 * (sent["packets"] - drops),
+            "attached": sum(1 for p in report.get("tracer", []) if p["attached"]),
+            "watch_lines": report["stats"]["lines"], "overruns": report["stats"].get("overruns"),
+            "rejected": report.get("rejected", {})}
 
 
 # --- host ----------------------------------------------------------------------------------------
@@ -266,11 +349,12 @@ def host(args: argparse.Namespace) -> None:
     if not os.path.exists(vng):
         sys.exit("bench: virtme-ng is not installed; fix: pip install virtme-ng")
     work = Path(tempfile.mkdtemp(prefix="gtp5g-op-vmbench-", dir=ROOT / ".cache" if (ROOT / ".cache").is_dir() else None))
-    obj = build_tracer(work / "tracer", module_btf=None)["gtp5g"]
+    cache = work / "cache"  # the guest's watch --with-tracer finds the objects here (XDG_CACHE_HOME)
+    obj = build_tracer(cache / "gtp5g-op" / "tracer", module_btf=None)["gtp5g"]
     result = work / "result.json"
     inner = [sys.executable, str(Path(__file__).resolve()), "--guest", "--ko", str(Path(args.ko).resolve()),
              "--obj", str(obj), "--result", str(result), "--rate", str(args.rate), "--seconds", str(args.seconds),
-             "--interval", str(args.interval)] + (["--downlink"] if args.downlink else [])
+             "--interval", str(args.interval), "--cache", str(cache)] + (["--downlink"] if args.downlink else [])
     if os.environ.get("PYTHONPATH"):  # the guest's command does not inherit the host's environment
         inner = ["env", f"PYTHONPATH={os.environ['PYTHONPATH']}", *inner]
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}")
@@ -298,6 +382,7 @@ def main() -> None:
     ap.add_argument("--guest", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--obj", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
+    ap.add_argument("--cache", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench: needs root; fix: run with sudo")
