@@ -105,6 +105,19 @@ def backlog_drops() -> int:
         return sum(int(line.split()[1], 16) for line in fh if line.strip())
 
 
+def links() -> int:
+    """BPF links in the kernel (bpftool link list): the guest runs nothing else that attaches BPF."""
+    out = subprocess.run(["bpftool", "link", "list"], capture_output=True, text=True).stdout
+    return sum(1 for line in out.splitlines() if line[:1].isdigit())
+
+
+def udp_counters() -> dict[str, int]:
+    """The kernel's UDP counters (/proc/net/snmp): InDatagrams counts what an encap_rcv such as gtp5g's took."""
+    with open("/proc/net/snmp") as fh:
+        rows = [line.split() for line in fh if line.startswith("Udp:")]
+    return dict(zip(rows[0][1:], map(int, rows[1][1:])))
+
+
 def _name_thread(name: bytes) -> None:
     ctypes.CDLL(None).prctl(15, name, 0, 0, 0)  # PR_SET_NAME
 
@@ -217,9 +230,14 @@ def guest(args: argparse.Namespace) -> dict:
         doc["overruns"] = inst.overruns()
     subprocess.run(["ip", "link", "del", "gtp5gbench"], check=False)
     per: dict[int, dict] = {}
+    others: dict[str, int] = {}  # events the kernel ran in another thread's context (ksoftirqd, idle)
     for when, raw in arrivals:
         ev = parse_line(raw)
-        if ev is None or ev.subject_pid not in {**sent, **down, **echo} or not ev.hook:
+        if ev is None or not ev.hook or not ev.hook.startswith(("fentry/", "fexit/")):
+            continue
+        if ev.subject_pid not in {**sent, **down, **echo}:
+            key = f"{ev.hook} {ev.subject_comm if ev.subject_pid else '<idle>'}"
+            others[key] = others.get(key, 0) + ev.count
             continue
         row = per.setdefault(ev.subject_pid, {"lines": 0, "events": {}, "first_line_at": when})
         row["lines"] += 1
@@ -251,6 +269,7 @@ def guest(args: argparse.Namespace) -> dict:
                          "counts_exact": bool(d["events"]) and all(v == n for v in d["events"].values()),
                          "counts_equal_packets_minus_drops": bool(d["events"]) and all(
                              v == n - drops[name] for v in d["events"].values())}
+    doc["events_in_other_threads"] = others
     doc["interval_s"] = args.interval
     table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
@@ -260,17 +279,16 @@ def guest(args: argparse.Namespace) -> dict:
 
 
 def watch_phase(args: argparse.Namespace) -> dict:
-    """`watch --with-tracer` (validation on) while a thread sends uplink G-PDUs, and beside it a plain reader
-    of another instance: the watch's event count for that thread must equal the sum of N over every line
-    about it (the last ones come only from the tracer's final flush at detach). The sender stays alive
-    until the watch ends, so validation can see it. Softirq work that the kernel defers to ksoftirqd is
+    """`watch --with-tracer` (validation on) while a thread sends uplink G-PDUs, stopped by SIGTERM after,
+    and beside it a plain reader of another instance: the watch's event count for that thread must equal
+    the sum of N over every line about it (the last ones come only from the tracer's final flush at
+    detach). The sender stays alive until the watch ends, so validation can see it. Softirq work that the kernel defers to ksoftirqd is
     that thread's, not the sender's: the total over all threads is compared with the packets too."""
     from gtp5g_op.trace.parser import parse_line
     from gtp5g_op.trace.tracefs import TraceInstance, tail
 
     instance = f"gtp5g-op-vmwatch-{os.getpid()}"
-    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--json", "--no-threads",
-           "--duration", str(args.seconds + 3), "--instance", instance,
+    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--json", "--no-threads", "--instance", instance,
            "--exe-allow", os.path.realpath(sys.executable)]  # the sender is a thread of this interpreter
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", PORT))
@@ -285,11 +303,10 @@ def watch_phase(args: argparse.Namespace) -> dict:
         watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                  env=dict(os.environ, XDG_CACHE_HOME=args.cache))
         try:
-            deadline = time.monotonic() + 120
-            while not subprocess.run(["bpftool", "prog", "show", "name", "gtp5g_op_flush"], capture_output=True,
-                                     text=True).stdout.strip():
+            deadline = time.monotonic() + 180
+            while links() < 12:  # every hook attached (loading comes first; attaching takes seconds under TCG)
                 if watch.poll() is not None or time.monotonic() > deadline:
-                    return {"error": f"the watch did not load the tracer: {watch.stderr.read()[-800:]}"}
+                    return {"error": f"the watch did not attach the tracer: {watch.stderr.read()[-800:]}"}
                 time.sleep(0.5)
             time.sleep(1.0)
 
@@ -306,11 +323,16 @@ def watch_phase(args: argparse.Namespace) -> dict:
                 out.close()
                 done.wait(180)  # alive until the watch has ended: it validates live processes
 
-            d0 = backlog_drops()
+            d0, u0 = backlog_drops(), udp_counters()
             sender = threading.Thread(target=send)
             sender.start()
-            out, err = watch.communicate(timeout=180)
+            while "packets" not in sent:
+                time.sleep(0.1)
+            time.sleep(1.5)
             drops = backlog_drops() - d0
+            udp = {k: v - u0.get(k, 0) for k, v in udp_counters().items() if v != u0.get(k, 0)}
+            watch.terminate()  # SIGTERM: the watch detaches, the kernel prints what is pending, it reads that
+            out, err = watch.communicate(timeout=180)
         finally:
             if watch.poll() is None:
                 watch.kill()
@@ -322,23 +344,26 @@ def watch_phase(args: argparse.Namespace) -> dict:
     sock.close()
     if watch.returncode != 0:
         return {"error": f"watch exited {watch.returncode}: {err[-800:]}"}
-    expected, total = 0, 0
+    expected, total, by_hook = 0, 0, {}
     for raw in b"".join(seen).split(b"\n"):
         ev = parse_line(raw)
         if ev is None or not (ev.hook or "").startswith(("fentry/", "fexit/")):
             continue
         total += ev.count
         expected += ev.count if ev.subject_pid == sent["tid"] else 0
+        key = f"{ev.hook} {ev.subject_comm}-{ev.subject_pid}"
+        by_hook[key] = by_hook.get(key, 0) + ev.count
     report = json.loads(out)
     mine = [p for p in report["processes"] if p["pid"] == sent["tid"]]
     events = mine[0]["events"] if mine else 0
     return {"packets": sent["packets"], "valid": bool(mine and mine[0].get("valid")), "watch_events": events,
             "events_in_the_lines_about_the_sender": expected, "watch_equals_lines": events == expected,
-            "events_all_threads": total, "backlog_drops": drops,
+            "events_all_threads": total, "backlog_drops": drops, "udp_counters_delta": udp,
             "all_threads_equal_4_per_packet_received": total == 4 * (sent["packets"] - drops),
             "attached": sum(1 for p in report.get("tracer", []) if p["attached"]),
             "watch_lines": report["stats"]["lines"], "overruns": report["stats"].get("overruns"),
-            "rejected": report.get("rejected", {})}
+            "rejected": report.get("rejected", {}), "events_by_hook_and_thread": by_hook,
+            "lines": b"".join(seen).decode(errors="replace")[-3000:]}
 
 
 # --- host ----------------------------------------------------------------------------------------
