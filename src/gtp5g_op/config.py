@@ -7,16 +7,28 @@ docs/config.example.toml is a complete sample.
 from __future__ import annotations
 
 import os
+import platform
 import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gtp5g_op.errors import UsageError
+from gtp5g_op.gthulhu.secret import Secret
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
+API_KINDS = ("auto", "legacy", "manager")
+DEFAULT_MANAGER_PRIORITY = 10  # the Gthulhu UI's default; v1.x boosts every priority > 0 alike
+DEFAULT_DEADLINE = 10.0  # seconds one API call may take, retries included
+DEFAULT_MAX_RESPONSE = 4 << 20  # bytes of one API answer that are read
+PASSWORD_ENV = "GTP5G_OP_PASSWORD"
+_MAX_PASSWORD_FILE = 4096
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 DEFAULT_MATCH = r"^(nr-gnb|nr-ue)$"
 DEFAULT_EXECUTION_TIME_NS = 20_000_000  # 20 ms, what the first lab deployment pushed
 DEFAULT_INTERVAL = 10.0
@@ -38,6 +50,13 @@ def parse_duration_ns(value: str | float) -> int:
     if not m:
         raise UsageError(f"execution time {value!r} is not a duration", "write it like 20ms, 1.5s, 500us or 20000000 (ns)")
     return round(float(m.group(1)) * _UNITS_NS[m.group(2) or "ns"])
+
+
+def _positive_duration(value: str | float, what: str) -> int:
+    ns = parse_duration_ns(value)
+    if ns <= 0:
+        raise UsageError(f"{what} {value!r} is not a time slice", "give a positive duration such as 20ms")
+    return ns
 
 
 def format_duration_ns(ns: int) -> str:
@@ -69,6 +88,62 @@ def _float(value: Any, what: str, minimum: float = 0.0) -> float:
     return number
 
 
+def _int(value: Any, what: str, minimum: int, maximum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise UsageError(f"{what}={value!r} is not an integer", f"give a whole number from {minimum} to {maximum}")
+    try:
+        number = int(value)
+    except ValueError:
+        raise UsageError(f"{what}={value!r} is not an integer", f"give a whole number from {minimum} to {maximum}") from None
+    if not minimum <= number <= maximum:
+        raise UsageError(f"{what}={number} is out of range", f"give a whole number from {minimum} to {maximum}")
+    return number
+
+
+def _size(value: Any, what: str) -> int:
+    """``4194304``, ``"4MiB"``, ``"512 KiB"`` → bytes, from 1 KiB to 1 GiB."""
+    m = _SIZE_RE.match(str(value)) if not isinstance(value, bool) and isinstance(value, (int, str)) else None
+    if not m:
+        raise UsageError(f"{what}={value!r} is not a size", "write it like 4MiB, 512KiB or a number of bytes")
+    size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if not 1 << 10 <= size <= 1 << 30:
+        raise UsageError(f"{what}={value!r} is out of range", "give a size from 1KiB to 1GiB")
+    return size
+
+
+def http_url(value: Any, what: str, flag: str) -> str:
+    """An http(s) base URL with a host and a valid port, no credentials, query or fragment; a UsageError otherwise."""
+    text = str(value).strip().rstrip("/")
+    example = "http://127.0.0.1:8080"
+    if not text.isprintable() or " " in text:
+        raise UsageError(f"{what} {text!r} contains spaces or control characters", f"give {flag} like {example}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r} is not a valid URL: {exc}", f"give {flag} like {example} (ports 1-65535)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{what} {text!r} is not an http(s) URL", f"give {flag} like {example}")
+    if parts.username is not None or parts.password is not None:
+        shown = f"{parts.scheme}://***@{parts.hostname}"
+        raise UsageError(
+            f"{what} {shown}... carries credentials in the URL",
+            "remove them: give --username and GTP5G_OP_PASSWORD or --password-file",
+        )
+    if port == 0:
+        raise UsageError(f"{what} {text!r} has port 0", f"give {flag} with a port from 1 to 65535")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{what} {text!r} has a query or fragment", f"give the server's base URL, like {example}")
+    return text
+
+
+def _node_name(value: Any) -> str:
+    text = str(value).strip()
+    if not text or len(text) > 253 or not text.isprintable() or " " in text:
+        raise UsageError(f"node name {text[:60]!r} is not a Kubernetes node name", "give --node-name as in `kubectl get nodes`")
+    return text
+
+
 def _regex(value: str, what: str) -> str:
     try:
         re.compile(value)
@@ -93,6 +168,7 @@ class Policy:
     priority: bool = True
     execution_time_ns: int = DEFAULT_EXECUTION_TIME_NS
     overrides: tuple[Rule, ...] = ()
+    manager_priority: int = DEFAULT_MANAGER_PRIORITY  # the int a Manager policy carries when priority is on
 
     def resolve(self, comm: str) -> tuple[bool, int]:
         """``(priority, execution_time_ns)`` for a target with this comm."""
@@ -122,10 +198,18 @@ class Settings:
     """Everything the API client, the pusher and the watch need, already validated."""
 
     api_url: str = DEFAULT_API_URL
+    api_kind: str = "auto"
     public_key: Path | None = None
+    username: str | None = None
+    password: Secret | None = None  # from GTP5G_OP_PASSWORD only (never a file key or a flag)
+    password_file: Path | None = None
+    node_name: str = field(default_factory=platform.node)
+    dm_url: str | None = None
     ca_bundle: Path | None = None
     insecure: bool = False
     timeout: float = 5.0
+    deadline: float = DEFAULT_DEADLINE
+    max_response: int = DEFAULT_MAX_RESPONSE
     match: str = DEFAULT_MATCH
     exe_allow: tuple[str, ...] = ()
     threads: bool = True
@@ -148,25 +232,61 @@ class Settings:
         except OSError as exc:
             raise UsageError(f"cannot read public key {self.public_key}: {exc.strerror}", "check the path") from None
 
+    def manager_password(self) -> Secret:
+        """The Manager password: GTP5G_OP_PASSWORD, else the first line of the password file; a UsageError otherwise."""
+        if self.password_file is None:
+            if self.password:
+                return self.password
+            raise UsageError(
+                "no password for the Gthulhu Manager",
+                f"set {PASSWORD_ENV}, or give --password-file FILE (e.g. a mounted Kubernetes Secret)",
+            )
+        path = self.password_file
+        try:
+            with path.open("rb") as fh:
+                data = fh.read(_MAX_PASSWORD_FILE + 1)
+        except IsADirectoryError:
+            raise UsageError(f"password file {path} is a directory", "give the file that holds the password") from None
+        except OSError as exc:
+            raise UsageError(f"cannot read password file {path}: {exc.strerror}", "check the path and its mode") from None
+        if len(data) > _MAX_PASSWORD_FILE:
+            raise UsageError(f"password file {path} is larger than {_MAX_PASSWORD_FILE} bytes", "give the file that holds only the password")
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise UsageError(f"password file {path} is not UTF-8 text", "give the file that holds only the password") from None
+        password = text.split("\n", 1)[0].rstrip("\r")
+        if not password:
+            raise UsageError(f"password file {path} is empty", "write the password on its first line")
+        return Secret(password)
+
 
 # name -> (toml section, toml key); flags and env use the name.
 _FILE_KEYS = {
     "api_url": ("api", "url"),
+    "api_kind": ("api", "kind"),
     "public_key": ("api", "public_key"),
+    "username": ("api", "username"),
+    "password_file": ("api", "password_file"),
+    "node_name": ("api", "node_name"),
+    "dm_url": ("api", "dm_url"),
     "ca_bundle": ("api", "ca_bundle"),
     "insecure": ("api", "insecure"),
     "timeout": ("api", "timeout"),
+    "deadline": ("api", "deadline"),
+    "max_response": ("api", "max_response"),
     "match": ("targets", "match"),
     "exe_allow": ("targets", "exe_allow"),
     "threads": ("targets", "threads"),
     "priority": ("policy", "priority"),
     "execution_time": ("policy", "execution_time"),
+    "manager_priority": ("policy", "manager_priority"),
     "interval": ("push", "interval"),
     "debounce": ("push", "debounce"),
     "replace": ("push", "replace"),
     "state_dir": ("push", "state_dir"),
 }
-_ENV_NAMES = tuple(_FILE_KEYS)
+_ENV_NAMES = {name: ENV_PREFIX + name.upper() for name in _FILE_KEYS} | {"api_kind": ENV_PREFIX + "API"}
 
 
 def _read_file(path: Path) -> dict:
@@ -193,7 +313,8 @@ def _overrides(items: Any, path: Path | None) -> tuple[Rule, ...]:
             Rule(
                 comm=_regex(str(item["comm"]), "policy.override comm"),
                 priority=None if "priority" not in item else _bool(item["priority"], "policy.override priority"),
-                execution_time_ns=None if "execution_time" not in item else parse_duration_ns(item["execution_time"]),
+                execution_time_ns=None if "execution_time" not in item
+                else _positive_duration(item["execution_time"], "policy.override execution_time"),
             )
         )
     return tuple(rules)
@@ -239,14 +360,19 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         section_keys.setdefault(section, set()).add(key)
         if key in doc.get(section, {}):
             raw[name] = doc[section][key]
+    if "password" in doc.get("api", {}):
+        raise UsageError(f"{path}: a password does not belong in the config file",
+                         f"put it in a file of its own (api.password_file) or in {PASSWORD_ENV}")
     for section, body in doc.items():
         extra = set(body) - section_keys[section] - {"override", "known_selectors"}
         if extra:
             raise UsageError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(extra))}", "see docs/config.md")
-    for name in _ENV_NAMES:
-        value = env.get(ENV_PREFIX + name.upper())
+    for name, variable in _ENV_NAMES.items():
+        value = env.get(variable)
         if value not in (None, ""):
             raw[name] = value
+    if "node_name" not in raw and env.get("NODE_NAME"):  # the DaemonSet's downward-API variable
+        raw["node_name"] = env["NODE_NAME"]
     raw.update({k: v for k, v in flags.items() if v is not None})
     unknown_flags = set(raw) - set(_FILE_KEYS)
     if unknown_flags:
@@ -255,19 +381,32 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
     base = Settings()
     policy = Policy(
         priority=_bool(raw["priority"], "priority") if "priority" in raw else base.policy.priority,
-        execution_time_ns=parse_duration_ns(raw["execution_time"]) if "execution_time" in raw else base.policy.execution_time_ns,
+        execution_time_ns=_positive_duration(raw["execution_time"], "execution time")
+        if "execution_time" in raw else base.policy.execution_time_ns,
         overrides=_overrides(doc["policy"]["override"], path) if "override" in doc.get("policy", {}) else (),
+        manager_priority=_int(raw["manager_priority"], "manager_priority", 1, 2**31 - 1)
+        if "manager_priority" in raw else base.policy.manager_priority,
     )
     exe_allow = raw.get("exe_allow", ())
     if isinstance(exe_allow, str):
         exe_allow = [p for p in re.split(r"[,:]", exe_allow) if p]
-    url = str(raw.get("api_url", base.api_url)).rstrip("/")
-    if not re.match(r"^https?://[^/]+", url):
-        raise UsageError(f"API URL {url!r} is not an http(s) URL", "use e.g. http://127.0.0.1:8080")
+    kind = str(raw.get("api_kind", base.api_kind)).strip().lower()
+    if kind not in API_KINDS:
+        raise UsageError(f"API kind {kind!r} is not one of {', '.join(API_KINDS)}", "give --api auto, legacy or manager")
+    # An explicit --password-file beats a GTP5G_OP_PASSWORD left in the environment.
+    password = None if flags.get("password_file") is not None else env.get(PASSWORD_ENV) or None
     return replace(
         base,
-        api_url=url,
+        api_url=http_url(raw.get("api_url", base.api_url), "API URL", "--api-url"),
+        api_kind=kind,
         public_key=Path(raw["public_key"]).expanduser() if raw.get("public_key") else None,
+        username=str(raw["username"]) if raw.get("username") else None,
+        password=Secret(password) if password else None,
+        password_file=Path(raw["password_file"]).expanduser() if raw.get("password_file") else None,
+        node_name=_node_name(raw["node_name"]) if raw.get("node_name") else base.node_name,
+        dm_url=http_url(raw["dm_url"], "Decision Maker URL", "--dm-url") if raw.get("dm_url") else None,
+        deadline=_float(raw.get("deadline", base.deadline), "deadline"),
+        max_response=_size(raw.get("max_response", base.max_response), "max_response"),
         ca_bundle=Path(raw["ca_bundle"]).expanduser() if raw.get("ca_bundle") else None,
         insecure=_bool(raw.get("insecure", False), "insecure"),
         timeout=_float(raw.get("timeout", base.timeout), "timeout"),

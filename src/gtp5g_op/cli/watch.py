@@ -60,6 +60,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --replay lab.trace.gz --no-validate --json
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
+      gtp5g-op watch --with-tracer --push --api-url http://gthulhu-manager:8080 --username ops --password-file pw
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
       gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
     """
@@ -79,12 +80,12 @@ def watch(ctx: click.Context, **kw) -> None:
     )
     pusher_factory = None
     if kw["push"]:
-        from gtp5g_op.gthulhu.sync import make_pusher
+        from gtp5g_op.gthulhu import factory
 
-        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
+        kind = factory.preflight(settings)  # the API's kind, and missing credentials now, not after the trace
 
         def pusher_factory():
-            pusher = make_pusher(settings)
+            pusher = factory.make_pusher(settings, kind)
             pusher.start()
             return pusher
 
