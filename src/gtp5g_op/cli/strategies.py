@@ -95,10 +95,10 @@ def fit_table(title: str | None, columns: list[tuple[str, str, bool]], rows: lis
 
 
 def _print_table(console: Console, heading: str, table: Table, dropped: list[str]) -> None:
-    console.print(Text(heading, style="bold"), soft_wrap=True)  # a URL is never split
+    console.print(Text(heading, style="bold"))  # wrapped at spaces: a URL stays whole unless wider than the screen
     console.print(table)
     if dropped:
-        console.print(Text(f"({', '.join(dropped)} left out at this width; --json has every field)"), soft_wrap=True)
+        console.print(Text(f"({', '.join(dropped)} left out at this width; --json has every field)"))
 
 
 @click.group()

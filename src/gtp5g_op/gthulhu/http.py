@@ -577,7 +577,7 @@ def _speaks_plain_http(host: str, port: int, timeout: float) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout) as sock:
             sock.settimeout(timeout)
-            sock.sendall(b"HEAD / HTTP/1.0\r\nHost: " + host.encode("idna", "replace") + b"\r\n\r\n")
+            sock.sendall(b"HEAD / HTTP/1.0\r\nHost: " + host.encode("ascii", "replace") + b"\r\n\r\n")
             return sock.recv(5) == b"HTTP/"
     except (OSError, UnicodeError):
         return False

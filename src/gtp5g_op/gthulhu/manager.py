@@ -214,8 +214,8 @@ def _token_lifetime(token: str) -> float:
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
         exp, iat = claims.get("exp"), claims.get("iat")
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)) and 0 < exp - iat < 7 * 86400:
-            return float(exp - iat)
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)) and 1 < exp - iat < 7 * 86400:
+            return float(exp - iat) - 1.0  # whole seconds: the token may be up to 1 s older than iat says
     except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError):
         pass
     return DEFAULT_ACCESS_LIFETIME
