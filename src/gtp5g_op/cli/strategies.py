@@ -216,7 +216,7 @@ def _dm_rows(settings: Settings, policies: list[manager.NodePolicy]) -> list[dic
         verdict = validator.check(pid, comm) if comm else None
         rows.append({"pid": pid, "comm": comm, "policy": owners[regex], "command_regex": regex,
                      "valid": bool(verdict and verdict.ok),
-                     "verdict": "target" if verdict and verdict.ok else
+                     "verdict": "valid" if verdict and verdict.ok else
                      f"rejected: {verdict.reason}" if verdict else "not on this host"})
     return rows
 
