@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.gthulhu import factory, legacy, manager
@@ -29,7 +29,8 @@ PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
     setup_logs(ctx)
-    return load_settings(shared_values(ctx).get("config"), **api_flags(ctx), **flags)
+    given = shared_values(ctx)
+    return load_settings(given.get("config"), **api_flags(ctx), state_dir=given.get("state_dir"), **flags)
 
 
 def _store(settings: Settings) -> OwnershipStore:
@@ -102,7 +103,7 @@ def _print_table(console: Console, heading: str, table: Table, dropped: list[str
 
 
 @click.group()
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 def strategies() -> None:
     """Show and change what gtp5g-op holds on the Gthulhu API.
 
@@ -124,7 +125,7 @@ def strategies() -> None:
 
 
 @strategies.command("list")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the server's list as JSON.")
 @click.pass_context
 @cli_errors
@@ -222,7 +223,7 @@ def _dm_rows(settings: Settings, policies: list[manager.NodePolicy]) -> list[dic
 
 
 @strategies.command("push")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, help="Legacy API: thread id to favour (repeatable).")
 @click.option("--comm", "comms", multiple=True, metavar="NAME", help="Manager: comm to favour on --node-name (repeatable).")
 @click.option("--priority/--no-priority", default=None, help="Run before others [config policy.priority; default true].")
@@ -289,7 +290,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...], 
 
 
 @strategies.command("delete")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, help="Legacy API: PID whose strategy to remove (repeatable).")
 @click.option("--comm", "comms", multiple=True, metavar="NAME", help="Manager: comm to remove from gtp5g-op's policies on --node-name.")
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
@@ -328,7 +329,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...]
 
 
 @strategies.command("prune")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
 @click.pass_context
 @cli_errors

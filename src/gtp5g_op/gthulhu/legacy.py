@@ -38,6 +38,7 @@ from gtp5g_op.gthulhu.secret import Secret
 from gtp5g_op.gthulhu.ownership import WATCH, OwnershipStore
 from gtp5g_op.gthulhu.sync import PushOutcome
 from gtp5g_op.model import Target
+from gtp5g_op.ops.statedir import StateDirError
 
 log = logging.getLogger(__name__)
 
@@ -516,7 +517,7 @@ class LegacyBackend:
         self._regex_warned: set[str] = set()
         try:
             self._owned = self.store.owned(WATCH)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
     @property
@@ -550,15 +551,14 @@ class LegacyBackend:
     def _save_owned(self) -> None:
         try:
             self.store.change(set_watch=self._owned)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
-    def _store_problem(self, exc: OSError) -> None:
+    def _store_problem(self, exc: StateDirError) -> None:
         if not self._store_warned:
             self._store_warned = True
-            log.warning(
-                "cannot use the ownership file %s (%s): owned PIDs are kept in memory only", self.store.path, exc.strerror or exc
-            )
+            log.warning("cannot use the ownership file %s (%s): owned PIDs are kept in memory only",
+                        self.store.path, exc.one_line())
 
     def _warn_regex_lost(self, names: list[str]) -> None:
         for name in names:

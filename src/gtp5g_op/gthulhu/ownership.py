@@ -1,57 +1,56 @@
-"""The legacy API's ownership file: which PIDs gtp5g-op put on one server (moved verbatim from sync.py)."""
+"""The legacy API's ownership file: which PIDs gtp5g-op put on one server.
+
+The file lives in the hardened state directory (:mod:`gtp5g_op.ops.statedir`).
+"""
 
 from __future__ import annotations
 
 import contextlib
-import fcntl
+import hashlib
 import json
 import logging
-import os
 import re
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from gtp5g_op.ops.statedir import StateDir, StateDirError
 
 log = logging.getLogger(__name__)
 
 WATCH, MANUAL = "watch", "manual"  # who put a PID there: a running watch, or `strategies push`
 
 
-# --- ownership ------------------------------------------------------------------------------------
-
-
-def default_state_dir() -> Path:
-    """``/run/gtp5g-op`` for root, ``$XDG_RUNTIME_DIR/gtp5g-op`` otherwise, else ``~/.local/state/gtp5g-op``."""
-    if os.geteuid() == 0:
-        return Path("/run/gtp5g-op")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "gtp5g-op" if runtime else Path.home() / ".local/state/gtp5g-op"
-
-
 class OwnershipStore:
     """PIDs this tool put on one API server: ``{"pid": "watch"|"manual"}`` in a JSON file.
 
-    Read-modify-write under an flock on a side ``.lock`` file; written atomically (temp + rename).
-    The file holds the API URL and PIDs only.
+    The file lives in the hardened state directory (``gtp5g_op.ops.statedir``): read-modify-write under
+    the flock ``lock/store-<file>``, written atomically. It holds the API URL and PIDs only.
     """
 
-    def __init__(self, api_url: str, state_dir: Path | None = None):
+    def __init__(self, api_url: str, state_dir: Path | StateDir | None = None):
         self.api_url = api_url.rstrip("/")
-        name = re.sub(r"[^A-Za-z0-9.]+", "_", re.sub(r"^https?://", "", self.api_url)).strip("_")
-        self.path = (state_dir or default_state_dir()) / f"owned-{name}.json"
+        name = re.sub(r"[^A-Za-z0-9.]+", "_", re.sub(r"^https?://", "", self.api_url)).strip("_.")
+        if len(name) > 100:  # a file name has at most 255 bytes: keep it short and still unique
+            name = f"{name[:80]}_{hashlib.sha256(self.api_url.encode()).hexdigest()[:16]}"
+        self.dir = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+        self.filename = f"owned-{name or 'api'}.json"
+        self.path = self.dir.path / self.filename
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
+        with self.dir.lock("store", self.filename):
             yield
 
     def _read(self) -> dict[int, str]:
         try:
-            doc = json.loads(self.path.read_text())
+            data = self.dir.read(self.filename)
+            if data is None:
+                return {}
+            doc = json.loads(data)
             return {int(pid): str(kind) for pid, kind in doc.get("pids", {}).items()}
-        except FileNotFoundError:
+        except StateDirError as exc:
+            log.warning("ignoring ownership file %s: %s", self.path, exc.one_line())
             return {}
         except (ValueError, AttributeError, TypeError):
             log.warning("ignoring unreadable ownership file %s", self.path)
@@ -77,6 +76,4 @@ class OwnershipStore:
             for pid in remove:
                 pids.pop(pid, None)
             doc = {"api_url": self.api_url, "updated": time.time(), "pids": {str(p): k for p, k in sorted(pids.items())}}
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
-            os.replace(tmp, self.path)
+            self.dir.write(self.filename, (json.dumps(doc, indent=1) + "\n").encode())
