@@ -114,7 +114,9 @@ def bench(api: str, args: argparse.Namespace) -> dict:
         fifo = work / "trace.fifo"
         os.mkfifo(fifo)
         env = {**os.environ, "GTP5G_OP_STATE_DIR": str(work / "state")}
-        cmd = ["gtp5g-op", "watch", "--trace-pipe", str(fifo), "--push", "--api-url", url, "--json"]
+        cmd = ["gtp5g-op", "watch", "--trace-pipe", str(fifo), "--push", "--api-url", url, "--json",
+               # the child is this interpreter renamed: allow it explicitly (a renamed program is no target)
+               "--exe-allow", os.path.realpath(sys.executable)]
         if api == "manager":
             (work / "password").write_text(PASSWORD + "\n")
             cmd += ["--username", USER, "--password-file", str(work / "password"), "--node-name", NODE]

@@ -433,13 +433,14 @@ def test_password_file_errors_are_one_line(tmp_path):
     from gtp5g_op.config import load_settings
     from gtp5g_op.errors import UsageError
 
-    for setup, words in ((lambda p: p.mkdir(), "is a directory"), (lambda p: None, "cannot read password file"),
+    for n, (setup, words) in enumerate(((lambda p: p.mkdir(), "is a directory"), (lambda p: None, "does not exist"),
                          (lambda p: p.write_bytes(b"\xff\xfe"), "not UTF-8"), (lambda p: p.write_text("\n"), "is empty"),
-                         (lambda p: p.write_bytes(b"x" * 5000), "larger than 4096 bytes")):
-        path = tmp_path / f"pw{len(words)}"
+                         (lambda p: p.write_bytes(b"x" * 5000), "larger than 4096 bytes"))):
+        path = tmp_path / f"pw{n}"
         setup(path)
-        with pytest.raises(UsageError, match=words):
+        with pytest.raises(UsageError, match=words) as err:
             load_settings(env={}, password_file=path).manager_password()
+        assert "xff" not in err.value.one_line()  # no byte of the file is quoted
     (tmp_path / "ok").write_text("s3cret\nignored\n")
     assert load_settings(env={}, password_file=tmp_path / "ok").manager_password().reveal() == "s3cret"
     assert Path(tmp_path / "ok").exists()

@@ -105,4 +105,4 @@ def test_auto_backend_detects_at_the_first_push(gthulhu_start, tmp_path):
 def test_usage_errors_come_before_the_network(tmp_path):
     res = CliRunner().invoke(main, ["strategies", "--api-url", "http://127.0.0.1:9", "--password-file",
                                     str(tmp_path / "missing"), "--username", "u", "list"])
-    assert res.exit_code == EXIT_USAGE and "cannot read password file" in res.output
+    assert res.exit_code == EXIT_USAGE and "password file" in res.output and "does not exist" in res.output

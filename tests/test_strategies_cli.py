@@ -142,7 +142,7 @@ def test_list_at_80_columns_keeps_pid_comm_and_owner_whole(run, gthulhu_server):
             assert f" {owner} " in row, (columns, row)
         assert any(" python" in r or " pytest" in r for r in rows)
         assert "[/" not in result.output
-    assert "left out at this width" in run("list", extra_env={"COLUMNS": "60"}).output
+    assert "not shown at 60 columns: command regex" in run("list", extra_env={"COLUMNS": "60"}).output
     wide = run("list", extra_env={"COLUMNS": "160"}).output
     assert "app.kubernetes.io/name=ueransim-gnb-with-a-long-name" in wide.replace("│\n│", "")
 

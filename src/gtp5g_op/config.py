@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from gtp5g_op import userfiles
 from gtp5g_op.errors import UsageError
 from gtp5g_op.gthulhu.secret import Secret
 
@@ -207,6 +208,15 @@ def _regex(value: Any, what: str, text: bool = False) -> str:
     return value
 
 
+def _target_match(value: Any, what: str, text: bool = False) -> str:
+    """The target regex; refused when it matches an empty comm (``''``, ``.*``): it would select anything."""
+    value = _regex(value, what, text)
+    if re.fullmatch(value, ""):
+        raise UsageError(f"{what} {value!r} matches an empty name, so it would select every process",
+                         "give the comms to target, e.g. --match '^(nr-gnb|nr-ue)$'")
+    return value
+
+
 def _duration(value: Any, what: str, text: bool) -> int:
     return parse_duration_ns(value, what)
 
@@ -275,7 +285,7 @@ KEYS: dict[str, tuple[str, str, Converter]] = {
     "timeout": ("api", "timeout", _seconds(0.0, 3600.0)),
     "deadline": ("api", "deadline", _seconds(0.0, 3600.0)),
     "max_response": ("api", "max_response", _size),
-    "match": ("targets", "match", _regex),
+    "match": ("targets", "match", _target_match),
     "exe_allow": ("targets", "exe_allow", _exe_patterns),
     "allow_user_writable_exe": ("targets", "allow_user_writable_exe", _bool),
     "uid_allow": ("targets", "uid_allow", _uid_list),
@@ -372,10 +382,20 @@ class Settings:
                 "no Gthulhu public key given",
                 "pass --public-key FILE, set GTP5G_OP_PUBLIC_KEY or api.public_key in the config file",
             )
-        try:
-            return self.public_key.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read public key {self.public_key}: {exc.strerror}", "check the path") from None
+        text = userfiles.read_text(self.public_key, "public key", limit=64 << 10,
+                                   fix="check --public-key, GTP5G_OP_PUBLIC_KEY or api.public_key: the Gthulhu API "
+                                   "server's RSA public key (PEM)")
+        return text.encode()
+
+    def ca_bundle_path(self) -> str | None:
+        """``ca_bundle`` checked (a PEM file, or a directory of certificates as requests takes it)."""
+        if self.ca_bundle is None:
+            return None
+        fix = "give the PEM file of the CA that signed the API's certificate"
+        path = userfiles.check(self.ca_bundle, "CA bundle", kinds={userfiles.REGULAR, userfiles.DIRECTORY}, fix=fix)
+        if not path.is_dir():
+            userfiles.read_text(path, "CA bundle", limit=8 << 20, fix=fix)  # PEM is text: refuse binary data now
+        return str(path)
 
     def manager_password(self) -> Secret:
         """The Manager password: GTP5G_OP_PASSWORD, else the first line of the password file; a UsageError otherwise."""
@@ -387,38 +407,21 @@ class Settings:
                 f"set {PASSWORD_ENV}, or give --password-file FILE (e.g. a mounted Kubernetes Secret)",
             )
         path = self.password_file
-        try:
-            with path.open("rb") as fh:
-                data = fh.read(_MAX_PASSWORD_FILE + 1)
-        except IsADirectoryError:
-            raise UsageError(f"password file {path} is a directory", "give the file that holds the password") from None
-        except OSError as exc:
-            raise UsageError(f"cannot read password file {path}: {exc.strerror}", "check the path and its mode") from None
-        if len(data) > _MAX_PASSWORD_FILE:
-            raise UsageError(f"password file {path} is larger than {_MAX_PASSWORD_FILE} bytes",
-                             "give the file that holds only the password")
-        try:
-            text = data.decode("utf-8")
+        data = userfiles.read_bytes(path, "password file", limit=_MAX_PASSWORD_FILE,
+                                    fix="give --password-file the file that holds the Manager password (first line)")
+        try:  # decoded here: userfiles' own message would quote a byte of the password
+            password = data.decode("utf-8").split("\n", 1)[0].rstrip("\r")
         except UnicodeDecodeError:
-            raise UsageError(f"password file {path} is not UTF-8 text", "give the file that holds only the password") from None
-        password = text.split("\n", 1)[0].rstrip("\r")
+            raise UsageError(f"password file {path} is not UTF-8 text", "write the password as UTF-8 text") from None
         if not password:
             raise UsageError(f"password file {path} is empty", "write the password on its first line")
         return Secret(password)
 
 
 def _read_file(path: Path) -> dict:
+    text = userfiles.read_text(path, "config file", fix="check --config / GTP5G_OP_CONFIG (see docs/config.md)")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist", "check --config / GTP5G_OP_CONFIG") from None
-    except IsADirectoryError:
-        raise UsageError(f"config file {path} is a directory", "give the path of a TOML file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}", "check its path and mode") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"config file {path} is not UTF-8 text", "save it as UTF-8 TOML") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}", "see docs/config.md") from None
 

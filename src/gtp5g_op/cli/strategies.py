@@ -8,20 +8,24 @@ policies by comm (``--comm``). The work is done by :mod:`gtp5g_op.gthulhu.legacy
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
 import click
 from rich.console import Console
 from rich.table import Table
-from rich.text import Text
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.output import Col, console, fit_table, text
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.gthulhu import factory, legacy, manager
 from gtp5g_op.gthulhu.detect import MANAGER
 from gtp5g_op.gthulhu.ownership import OwnershipStore
+from gtp5g_op.ops.statedir import StateDirError
+
+log = logging.getLogger(__name__)
 
 PID_MAX_FILE = Path("/proc/sys/kernel/pid_max")
 PID_MAX_LIMIT = 4194304  # the kernel's PID_MAX_LIMIT on 64-bit
@@ -34,7 +38,10 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
 
 
 def _store(settings: Settings) -> OwnershipStore:
-    return OwnershipStore(settings.api_url, settings.state_dir)
+    """The ownership file; an unusable state directory is an error now, before the API is changed."""
+    store = OwnershipStore(settings.api_url, settings.state_dir)
+    store.dir.ensure()
+    return store
 
 
 def _emit_json(doc: Any) -> None:
@@ -61,45 +68,19 @@ def _check_pids(pids: tuple[int, ...]) -> None:
                          "give a thread id as `ps -eLo tid,comm` shows it")
 
 
-def _console() -> Console:
-    """A console that honours COLUMNS also when piped (rich's default width then is 80)."""
-    return Console()
+def _need_targets(pids: tuple[int, ...], comms: tuple[str, ...]) -> None:
+    """--pid or --comm, checked before anything is contacted."""
+    if not pids and not comms:
+        raise UsageError("missing option '--pid' (legacy API) or '--comm' (Gthulhu v1.x Manager)",
+                         "give --pid N for a legacy API or --comm NAME for a Manager (see --help)")
+    if pids:
+        _check_pids(pids)
 
 
-def fit_table(title: str | None, columns: list[tuple[str, str, bool]], rows: list[list[str]], width: int,
-              drop_order: list[str]) -> tuple[Table, list[str]]:
-    """A table whose essential columns (``(name, justify, essential)``) are never cut: the others fold,
-    and are dropped in ``drop_order`` while the essential ones would not fit in ``width``."""
-    natural = {name: max([len(name), *(len(r[i]) for r in rows)]) for i, (name, _, _) in enumerate(columns)}
-    keep = [c[0] for c in columns]
-
-    def needed() -> int:
-        return sum(natural[n] if ess else min(natural[n], 8) for n, _, ess in columns if n in keep) + 3 * len(keep) + 1
-
-    dropped = []
-    for name in drop_order:
-        if needed() <= width:
-            break
-        keep.remove(name)
-        dropped.append(name)
-    table = Table(title=title, title_justify="left")
-    index = [i for i, c in enumerate(columns) if c[0] in keep]
-    for i in index:
-        name, justify, essential = columns[i]
-        if essential:
-            table.add_column(name, justify=justify, no_wrap=True, min_width=natural[name])  # type: ignore[arg-type]
-        else:
-            table.add_column(name, justify=justify, overflow="fold")  # type: ignore[arg-type]
-    for row in rows:
-        table.add_row(*(Text(row[i]) for i in index))  # Text: server strings are never read as markup
-    return table, dropped
-
-
-def _print_table(console: Console, heading: str, table: Table, dropped: list[str]) -> None:
-    console.print(Text(heading, style="bold"))  # wrapped at spaces: a URL stays whole unless wider than the screen
-    console.print(table)
-    if dropped:
-        console.print(Text(f"({', '.join(dropped)} left out at this width; --json has every field)"))
+def _print(con: Console, table: Table, empty: str | None = None) -> None:
+    con.print(table)
+    if empty:
+        con.print(text(empty))
 
 
 @click.group()
@@ -149,17 +130,20 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json(entries)
         return
-    rows = legacy.describe(entries, _store(settings).load())
+    try:
+        owners = _store(settings).load()
+    except StateDirError as exc:  # listing needs no state: say who owns what as far as is known
+        log.warning("owners unknown: %s", exc.one_line())
+        owners = {}
+    rows = legacy.describe(entries, owners)
     cells = [[str(r["pid"] or "-"), r["comm"] or "-", r["state"] or "not here", str(r["priority"]).lower(),
               r["execution_time_human"] or "-", r["selectors"] or "-", r["command_regex"] or "-", r["owner"]] for r in rows]
-    columns = [("PID", "right", True), ("comm", "left", True), ("state", "left", False), ("priority", "left", False),
-               ("exec time", "left", False), ("selectors", "left", False), ("command regex", "left", False),
-               ("owner", "left", True)]
-    console = _console()
-    table, dropped = fit_table(None, columns, cells, console.width, ["command regex", "state", "selectors"])
-    _print_table(console, f"Gthulhu strategies at {settings.api_url} (legacy API)", table, dropped)
-    if not rows:
-        click.echo("no strategies")
+    columns = [Col("PID", "right", key=True), Col("comm", key=True), Col("state", min=8, drop=4),
+               Col("priority", min=8, drop=2), Col("exec time", min=5, drop=1), Col("selectors", min=12, drop=3),
+               Col("command regex", min=8, drop=5), Col("owner", key=True)]
+    con = console()
+    _print(con, fit_table(f"Gthulhu strategies at {settings.api_url} (legacy API)", columns, cells, con.width),
+           None if rows else "no strategies")
 
 
 def _list_manager(settings: Settings, as_json: bool) -> None:
@@ -175,25 +159,21 @@ def _list_manager(settings: Settings, as_json: bool) -> None:
             doc["decision_maker"] = {"url": settings.dm_url, "boosted": boosted}
         _emit_json(doc)
         return
-    console = _console()
+    con = console()
     cells = [[r["owner"] or "other", ", ".join(r["comms"]) if r["owner"] else r["commandRegex"] or "-",
               ", ".join(r["nodeNames"]) or ("selectors" if r["nodeSelectors"] else "-"), str(r["priority"]),
               r["execution_time_human"], r["id"]] for r in rows]
-    columns = [("owner", "left", True), ("comms / regex", "left", True), ("nodes", "left", False),
-               ("priority", "right", False), ("exec time", "left", False), ("id", "left", False)]
-    table, dropped = fit_table(None, columns, cells, console.width, ["id", "exec time"])
-    _print_table(console, f"Node scheduling policies of {settings.username} at {settings.api_url} (Gthulhu Manager)",
-                 table, dropped)
-    if not rows:
-        click.echo("no policies")
+    columns = [Col("owner", key=True), Col("comms / regex", key=True, wrap=True), Col("nodes", min=8, drop=2),
+               Col("priority", "right", min=3, drop=3), Col("exec time", min=5, drop=1), Col("id", min=12, drop=4)]
+    title = f"Node scheduling policies of {settings.username} at {settings.api_url} (Gthulhu Manager)"
+    _print(con, fit_table(title, columns, cells, con.width), None if rows else "no policies")
     if boosted is not None:
         cells = [[str(b["pid"]), b["comm"] or "-", b["policy"], b["verdict"]] for b in boosted]
-        columns = [("PID", "right", True), ("comm", "left", True), ("policy", "left", True), ("validation", "left", False)]
-        table, dropped = fit_table(None, columns, cells, console.width, [])
-        _print_table(console, f"Boosted on node {settings.node_name} under gtp5g-op's policies (Decision Maker "
-                              f"{settings.dm_url})", table, dropped)
-        if not boosted:
-            click.echo("no process boosted under gtp5g-op's policies")
+        columns = [Col("PID", "right", key=True), Col("comm", key=True), Col("policy", key=True),
+                   Col("validation", min=10)]
+        title = f"Boosted on node {settings.node_name} under gtp5g-op's policies (Decision Maker {settings.dm_url})"
+        _print(con, fit_table(title, columns, cells, con.width),
+               None if boosted else "no process boosted under gtp5g-op's policies")
 
 
 def _dm_rows(settings: Settings, policies: list[manager.NodePolicy]) -> list[dict]:
@@ -244,6 +224,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...], 
       gtp5g-op strategies push --comm nr-gnb --comm nr-ue --node-name upf-1
     """
     settings = _settings(ctx, priority=priority, execution_time=execution_time)
+    _need_targets(pids, comms)
     policy = settings.policy
     kind = factory.resolve_kind(settings)
     if kind == MANAGER:
@@ -306,6 +287,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...]
       gtp5g-op strategies delete --comm nr-ue --node-name upf-1
     """
     settings = _settings(ctx)
+    _need_targets(pids, comms)
     kind = factory.resolve_kind(settings)
     if kind == MANAGER:
         if pids or not comms:

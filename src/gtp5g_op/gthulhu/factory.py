@@ -29,7 +29,7 @@ PREFLIGHT_DEADLINE = 3.0
 
 def _http_options(settings: Settings, retries: int = 2) -> dict[str, Any]:
     return {
-        "ca_bundle": str(settings.ca_bundle) if settings.ca_bundle else None,
+        "ca_bundle": settings.ca_bundle_path(),
         "insecure": settings.insecure,
         "timeout": (min(3.05, settings.timeout), settings.timeout),
         "retries": retries,
@@ -52,6 +52,7 @@ def check_given_files(settings: Settings) -> None:
         settings.public_key_pem()
     if settings.password_file is not None:
         settings.manager_password()
+    settings.ca_bundle_path()
 
 
 def resolve_kind(settings: Settings, deadline: float | None = None) -> str:
