@@ -269,14 +269,20 @@ def test_decision_maker_shows_what_is_boosted_and_flags_the_unvalidated(manager_
     """Two real processes named nr-gnb; the watch validated only one. The DM boosts both (by comm)."""
     node = manager_server.state()["dm_node"]
     with workload.start("nr-gnb", threads=1, rate=1) as valid, workload.start("nr-gnb", threads=0, rate=1) as impostor:
+        from gtp5g_op.ops.metrics import Metrics
+
         dm = DecisionMakerReader(GthulhuClient(manager_server.dm_url, manager_server.public_key.read_bytes(), retries=0))
         pusher = _pusher(manager_server, node=node, dm=dm)
+        pusher.metrics = metrics = Metrics()
         pusher.start()
         pusher.update([_t(valid.pid), *(_t(tid, "nr-gnb", valid.pid) for tid in valid.ready.tids)])
         assert wait_for(lambda: pusher.status.boosted, 3.0)
         st = pusher.status
         assert valid.pid in st.boosted and impostor.pid in st.boosted
         assert impostor.pid in st.boosted_unvalidated and valid.pid not in st.boosted_unvalidated
+        value = metrics.registry.get_sample_value
+        assert value("gtp5g_op_dm_boosted_pids", {"validated": "false"}) >= 1
+        assert value("gtp5g_op_dm_boosted_pids", {"validated": "true"}) >= 1
         assert pusher.stop(final_push=True)
 
 
