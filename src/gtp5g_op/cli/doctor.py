@@ -10,7 +10,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
-from gtp5g_op.cli.output import Col, console as make_console, fit_table, text
+from gtp5g_op.cli.output import Col, fit_table, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.config import load_settings
 from gtp5g_op.errors import EXIT_FAIL, cli_errors
 from gtp5g_op.ops import doctor as checks

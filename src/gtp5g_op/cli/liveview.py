@@ -15,7 +15,8 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from gtp5g_op.cli.output import Col, console as make_console, fit_table, text
+from gtp5g_op.cli.output import Col, fit_table, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.trace.pipeline import Pipeline
 
 MAX_PIDS_PER_REASON = 6  # pids listed after a repeated rejection reason before "and N more"

@@ -12,7 +12,8 @@ from rich.text import Text
 
 from gtp5g_op import userfiles
 from gtp5g_op.cli.common import GLOBAL, UserPath, command_options
-from gtp5g_op.cli.output import Col, console as make_console, fit_table, safe, text
+from gtp5g_op.cli.output import Col, fit_table, safe, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel import modbuild, patcher
 from gtp5g_op.kernel import verify as verifier

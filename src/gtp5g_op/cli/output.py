@@ -14,7 +14,6 @@ does not fit; a caption names what was dropped (``--json`` has everything).
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -25,10 +24,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from gtp5g_op.errors import escape_control
+
 DEFAULT_WIDTH = 80  # when neither a terminal nor COLUMNS says
 MIN_WIDTH = 20
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 
 
 def console(stderr: bool = False) -> Console:
@@ -48,8 +47,7 @@ def safe(value: object) -> str:
 
     A newline stays (cells may hold several lines); a tab becomes a space.
     """
-    s = str(value).encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", s.replace("\t", " "))
+    return "\n".join(escape_control(line) for line in str(value).replace("\t", " ").split("\n"))
 
 
 def text(value: object, style: str = "") -> Text:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import click
@@ -15,6 +16,7 @@ from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
 from gtp5g_op.gthulhu.ownership import OwnershipStore
+from gtp5g_op.ops.statedir import StateDirError
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
@@ -24,7 +26,10 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
 
 
 def _store(settings: Settings) -> OwnershipStore:
-    return OwnershipStore(settings.api_url, settings.state_dir)
+    """The ownership file; an unusable state directory is an error now, before the API is changed."""
+    store = OwnershipStore(settings.api_url, settings.state_dir)
+    store.dir.ensure()
+    return store
 
 
 def _emit_json(doc: Any) -> None:
@@ -68,7 +73,12 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json(entries)
         return
-    rows = sync.describe(entries, _store(settings).load())
+    try:
+        owners = _store(settings).load()
+    except StateDirError as exc:  # listing needs no state: say who owns what as far as is known
+        logging.getLogger(__name__).warning("owners unknown: %s", exc.one_line())
+        owners = {}
+    rows = sync.describe(entries, owners)
     table = Table(title=text(f"Gthulhu strategies at {settings.api_url}"))
     for name in ("PID", "comm", "state", "priority", "exec time", "selectors", "command regex", "owner"):
         table.add_column(name, justify="right" if name == "PID" else "left")

@@ -14,7 +14,8 @@ from rich.table import Table
 from rich.text import Text
 
 from gtp5g_op.cli.common import GLOBAL, Number, UserPath, command_options, shared_options
-from gtp5g_op.cli.output import Col, console as make_console, fit_table, safe, text
+from gtp5g_op.cli.output import Col, fit_table, safe, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_selftest

@@ -71,6 +71,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
+@click.option("--metrics-addr", metavar="IP", default="127.0.0.1", show_default=True,
+              help="Address the metrics port binds (the pod IP in Kubernetes; 0.0.0.0 for every interface).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
 @click.pass_context
@@ -138,8 +140,13 @@ def watch(ctx: click.Context, **kw) -> None:
         pusher_factory=pusher_factory,
         with_tracer=kw["with_tracer"],
         metrics_port=kw["metrics_port"],
+        metrics_addr=kw["metrics_addr"],
         accelerate=not kw["no_accel"],
     )
+    if kw["metrics_port"] is not None:
+        from gtp5g_op.ops.metrics import check_addr
+
+        check_addr(kw["metrics_addr"])
     _refuse_ignored(ctx, opts, bool(kw["exe_allow"]))
     if kw["push"]:
         settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read

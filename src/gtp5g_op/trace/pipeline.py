@@ -133,7 +133,9 @@ class Pipeline:
             subjects.add((rec.pid, rec.comm))
         if self.metrics is not None:
             self.metrics.observe_rejected([verdict.code])
-        log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
+        # Gone processes are churn (debug); a live subject refused is worth saying (info).
+        log.log(logging.DEBUG if verdict.code in FORGET_AT_ONCE else logging.INFO,
+                "rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
 
     def _validate(self, rec: ProcessRecord, seen_at: float | None) -> bool:
         """Check a new (or re-checked) record; True when it adds targets."""

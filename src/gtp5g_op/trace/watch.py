@@ -66,6 +66,7 @@ class WatchOptions:
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # an IP address; the DaemonSet passes the pod IP
     accelerate: bool = True
 
     @property
@@ -346,7 +347,7 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
             from gtp5g_op.ops.metrics import Metrics, push_max_age
 
             metrics = Metrics(push_max_age=push_max_age(opts.interval) if opts.push else None)
-            metrics.serve(opts.metrics_port)
+            metrics.serve(opts.metrics_port, host=opts.metrics_addr)
             stack.callback(metrics.stop)
         pusher = opts.pusher_factory() if opts.push and opts.pusher_factory else None
         if pusher is not None and metrics is not None and hasattr(pusher, "metrics"):
