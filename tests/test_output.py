@@ -153,7 +153,7 @@ def test_untrusted_text_is_shown_literally():
     report = {"processes": [
         {"pid": 7, "tgid": 7, "comm": "[/x]\x1b]0;pwned\x07", "events": 1, "first_seen": 1.0, "last_seen": 1.0,
          "hooks": ["[bold]fentry/x[/]"], "valid": False, "code": "exe", "from_threads": False,
-         "reason": "executable /tmp/evil[/x]/nr-gnb matches no --exe-allow glob"}],
+         "reason": "executable /tmp/evil[/x]/nr-gnb matches no --exe-allow path"}],
         "stats": {"lines": 1, "events": 1, "matched": 1, "malformed": 0, "lost_events": 0},
         "problem": {"message": "every [/x] rejected", "fix": "[red]nothing[/red]"}}
     console = Console(file=io.StringIO(), width=120, force_terminal=True)
@@ -198,12 +198,12 @@ def test_markup_in_an_executable_path_in_a_paced_watch_with_the_view(evil_gnb):
     finally:
         view.close()
     live = " ".join(console.file.getvalue().split())
-    assert f"executable {exe} matches no --exe-allow glob" in live, live[-3000:]
+    assert f"executable {exe} matches no --exe-allow path" in live, live[-3000:]
     assert str(pid) in live and "rejected (exe)" in live
     summary = Console(file=io.StringIO(), width=200, force_terminal=True)
     print_summary(result.report, summary)
     out = summary.file.getvalue()
-    assert f"executable {exe} matches no --exe-allow glob" in out and "every traced target was rejected" in out
+    assert f"executable {exe} matches no --exe-allow path" in out and "every traced target was rejected" in out
     assert result.exit_code == 1
 
 
@@ -237,5 +237,5 @@ def test_markup_in_an_executable_path_through_the_cli_on_a_terminal(evil_gnb):
     out = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", b"".join(chunks).decode("utf-8", "replace")).replace("\r", "")
     assert "Traceback" not in out and "MarkupError" not in out, out[-3000:]
     assert proc.returncode == 1, out[-3000:]
-    assert f"executable {exe} matches no --exe-allow glob" in " ".join(out.split()), out[-3000:]
+    assert f"executable {exe} matches no --exe-allow path" in " ".join(out.split()), out[-3000:]
     assert "gtp5g-op watch: targets" in out  # the live view was drawn
