@@ -32,7 +32,7 @@ DEFAULT_DEADLINE = 10.0  # seconds one API call may take, retries included
 DEFAULT_MAX_RESPONSE = 4 << 20  # bytes of one API answer that are read
 PASSWORD_ENV = "GTP5G_OP_PASSWORD"
 _MAX_PASSWORD_FILE = 4096
-_SIZE_RE = re.compile(r"\s*(\d{1,12})\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*\Z", re.IGNORECASE)
+_SIZE_RE = re.compile(r"\s*([0-9]{1,12})\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*\Z", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
                "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 MAX_DURATION_NS = 2**63 - 1  # what a signed 64-bit nanosecond field (Go's time.Duration) holds
@@ -181,7 +181,7 @@ def _node_name(value: Any, what: str, text: bool) -> str:
 
 def _priority_level(value: Any, what: str, text: bool) -> int:
     """A Manager policy's priority: a whole number above 0 (v1.x boosts every value above 0)."""
-    if isinstance(value, str) and text and value.strip().isdigit():
+    if isinstance(value, str) and text and value.strip().isascii() and value.strip().isdigit():
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
         raise UsageError(f"{what} = {value!r} is not a whole number from 1 to {2**31 - 1}", f"give {what} like 10")
@@ -261,7 +261,7 @@ def _uid_list(value: Any, what: str, text: bool) -> tuple[int, ...]:
         raise UsageError(f"{what} = {value!r} is not a list of user ids", f"write {what} = [0, 1000]")
     uids = []
     for item in items:
-        if isinstance(item, str) and text and item.isdigit():
+        if isinstance(item, str) and text and item.isascii() and item.isdigit():
             item = int(item)
         if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 2**32 - 1:
             raise UsageError(f"{what}: {item!r} is not a user id", "give numeric uids from 0 to 4294967294")
