@@ -57,7 +57,11 @@ class OpError(Exception):
             self.exit_code = exit_code
 
     def one_line(self) -> str:
-        """The error as printed: ``message; fix: ...`` on a single line."""
+        """The error as printed: ``message; fix: ...`` on a single line.
+
+        Whitespace runs (newlines included) become one space; other control characters and bytes that are
+        not UTF-8 (a path or a comm can hold any) are shown as ``\\xNN``, so nothing reaches the terminal raw.
+        """
         text = self.message if not self.fix else f"{self.message}; fix: {self.fix}"
         return escape_control(" ".join(text.split()))  # whitespace runs (newlines too) become one space
 

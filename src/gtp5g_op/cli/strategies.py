@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.output import text
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
@@ -78,11 +79,11 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
         logging.getLogger(__name__).warning("owners unknown: %s", exc.one_line())
         owners = {}
     rows = sync.describe(entries, owners)
-    table = Table(title=f"Gthulhu strategies at {settings.api_url}")
+    table = Table(title=text(f"Gthulhu strategies at {settings.api_url}"))
     for name in ("PID", "comm", "state", "priority", "exec time", "selectors", "command regex", "owner"):
         table.add_column(name, justify="right" if name == "PID" else "left")
-    for row in rows:
-        table.add_row(
+    for row in rows:  # the server's strings and comms are shown as text, never as rich markup
+        table.add_row(*(text(cell) for cell in (
             str(row["pid"] or "-"),
             row["comm"] or "-",
             row["state"] or "not here",
@@ -91,7 +92,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
             row["selectors"] or "-",
             row["command_regex"] or "-",
             row["owner"],
-        )
+        )))
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
         console.width = max(console.width, 120)
