@@ -67,6 +67,9 @@ ROWS = [
     (["watch", "--trace-pipe", "{fifo}", "--buffer-kb", "64"], 2, "--buffer-kb sets up the private"),
     (["watch", "--replay", "--exe-allow", "/usr/bin/*"], 2, "a replay that does not push is not validated"),
     (["watch", "--replay", "--no-validate", "--exe-allow", "/x"], 2, "--no-validate turns validation off"),
+    (["watch", "--replay", "--uid-allow", "0"], 2, "--uid-allow applies to validated processes only"),
+    (["watch", "--replay", "--push", "--no-validate", "--allow-user-writable-exe"], 2,
+     "--allow-user-writable-exe applies to validated processes only"),
     (["watch", "--replay", "--push"], 2, "no gthulhu public key given"),
     # --- watch: files
     (["watch", "--replay", "{missing}"], 2, "replay file {missing} does not exist"),

@@ -25,11 +25,15 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} sets up the private tracefs instance, which {source} does not use",
                                  f"drop {flag} or {source}")
-    if exe_allow_flag and not opts.validating:
+    checks = [flag for flag, given in (("--exe-allow", exe_allow_flag), ("--uid-allow", _given(ctx, "uid_allow")),
+                                        ("--allow-user-writable-exe", _given(ctx, "allow_user_writable_exe")))
+              if given]
+    if checks and not opts.validating:
+        flag = checks[0]
         if opts.validate is False:
-            raise UsageError("--exe-allow applies to validated processes only, and --no-validate turns "
-                             "validation off", "drop --no-validate or --exe-allow")
-        raise UsageError("--exe-allow applies to validated processes only, and a replay that does not push "
+            raise UsageError(f"{flag} applies to validated processes only, and --no-validate turns "
+                             "validation off", f"drop --no-validate or {flag}")
+        raise UsageError(f"{flag} applies to validated processes only, and a replay that does not push "
                          "is not validated", "add --validate to check the replayed pids against this host")
 
 
@@ -112,8 +116,6 @@ def watch(ctx: click.Context, **kw) -> None:
     if kw["push"]:
         from gtp5g_op.gthulhu.sync import make_pusher
 
-        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
-
         def pusher_factory():
             pusher = make_pusher(settings)
             pusher.start()
@@ -146,6 +148,8 @@ def watch(ctx: click.Context, **kw) -> None:
 
         check_addr(kw["metrics_addr"])
     _refuse_ignored(ctx, opts, bool(kw["exe_allow"]))
+    if kw["push"]:
+        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
     view = None
     if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
         from gtp5g_op.cli.liveview import LiveView
