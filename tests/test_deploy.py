@@ -298,7 +298,7 @@ def image_command(parser: DockerfileParser) -> list[str]:
 
 def test_dockerfile_shape(dockerfile):
     assert dockerfile.baseimage == "python:3.11-slim-bookworm"
-    assert image_command(dockerfile) == ["gtp5g-op", "watch", "--push", "--log-format", "json",
+    assert image_command(dockerfile) == ["gtp5g-op", "watch", "--push", "-v", "--log-format", "json",
                                          "--metrics-port", "9464"]
     stages = [i["value"] for i in dockerfile.structure if i["instruction"] == "FROM"]
     assert stages == ["python:3.11-slim-bookworm AS wheel", "python:3.11-slim-bookworm"]
