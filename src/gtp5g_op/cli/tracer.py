@@ -3,19 +3,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import click
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
+from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
-from gtp5g_op.kernel.selftest import run_selftest
+from gtp5g_op.kernel.selftest import run_gtp5g_selftest, run_selftest
 from gtp5g_op.kernel.tracer_build import build_tracer as build_objects
 from gtp5g_op.kernel.tracer_build import default_out_dir
 
@@ -97,40 +99,87 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
 
 
 @tracer.command("selftest")
-@click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
+@click.option("--gtp5g", "gtp5g", is_flag=True,
+              help="Test the real tracer on the loaded gtp5g: throwaway device, session and GTP-U traffic.")
+@click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (gtp5g.bpf.o with --gtp5g) [default: build].")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
-              help="Seconds to wait for the probe's lines.")
-@click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
+              help="Seconds to wait for the probe's lines (with --gtp5g: for the last hook's line).")
+@click.option("--packets", type=click.IntRange(1, 100000), default=20, show_default=True,
+              help="With --gtp5g: rounds of uplink G-PDU + echo request + downlink IP to send.")
+@click.option("--enable-qos", is_flag=True,
+              help="With --gtp5g: turn gtp5g's global QoS switch on for the test (restored after), "
+                   "so policePacket runs.")
+@click.option("--instance", default=None, help="tracefs instance name [default: gtp5g-op-selftest; "
+                                                "with --gtp5g gtp5g-op-st5g-<pid>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @cli_errors
-def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance: str, as_json: bool) -> None:
+def selftest(gtp5g: bool, obj: Path | None, build_dir: Path | None, timeout: float, packets: int,
+             enable_qos: bool, instance: str | None, as_json: bool) -> None:
     """Prove BPF loading, bpf_printk, the tracefs instance pipe and the parser end to end.
 
     Loads a tracepoint probe that prints the tracer's line format on getppid(2), calls getppid
     from a thread named gtp5g-op-st, and checks its line comes back parsed as that thread.
-    Needs root and tracefs, not gtp5g. Exits 0 when every step passes, 1 otherwise.
+    Needs root and tracefs, not gtp5g.
+
+    With --gtp5g, on a host where gtp5g is loaded: loads the real tracer, creates a throwaway gtp5g
+    device and PDU session (PDR/FAR/QER) in a private network namespace, sends uplink GTP-U and
+    downlink IP from a process named nr-gnb, and checks that every attached hook fired and that its
+    lines name that process. The UPF's own devices and sessions are not touched; the namespace,
+    device, tracefs instance and BPF links are removed at the end, also on Ctrl-C or SIGTERM.
+    Exits 0 when every step passes, 1 otherwise.
 
     \b
     Examples:
       gtp5g-op tracer selftest
       gtp5g-op tracer selftest --json --timeout 10
+      gtp5g-op tracer selftest --gtp5g                     # on a UPF host with gtp5g loaded
+      gtp5g-op tracer selftest --gtp5g --enable-qos --json # policePacket too
     """
-    result = run_selftest(obj, build_dir, timeout=timeout, instance=instance)
+    if not gtp5g and (enable_qos or packets != 20):
+        raise UsageError("--packets and --enable-qos only apply with --gtp5g",
+                         fix="add --gtp5g, or drop them")
+    with _sigterm_as_interrupt():
+        if gtp5g:
+            result = run_gtp5g_selftest(obj, build_dir, timeout=timeout, packets=packets,
+                                        enable_qos=enable_qos, instance=instance)
+        else:
+            result = run_selftest(obj, build_dir, timeout=timeout, instance=instance or "gtp5g-op-selftest")
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        table = Table(title="tracer selftest", title_justify="left")
+        console = Console()
+        table = Table(title="tracer selftest" + (" on gtp5g" if gtp5g else ""), title_justify="left")
         for col in ("step", "result", "detail"):
             table.add_column(col, overflow="fold")
         marks = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skipped[/]"}
         for s in result.steps:
-            table.add_row(s.name, marks[s.ok], s.detail)
-        Console().print(table)
+            table.add_row(s.name, marks[s.ok], escape(s.detail))
+        console.print(table)
+        if gtp5g and result.hooks:
+            hooks = Table(title="hooks", title_justify="left")
+            for col in ("hook", "lines", "from gNB", "note"):
+                hooks.add_column(col, overflow="fold")
+            for h in result.hooks:
+                hooks.add_row(h.hook, str(h.lines), str(h.from_gnb), escape(h.note))
+            console.print(hooks)
         for line in result.lines:
             click.echo(line)
     if not result.ok:
         raise SystemExit(EXIT_FAIL)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the block, so the selftest's cleanup runs as on Ctrl-C."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.command("tracer")

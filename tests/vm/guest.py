@@ -1,0 +1,361 @@
+"""Runs INSIDE the VM lab's guest (tests/vm/vmlab.py): the whole gtp5g-op kernel-side list on a real gtp5g.
+
+    python tests/vm/guest.py --results DIR --kdir KDIR SOURCE...
+
+For each gtp5g SOURCE (a release tarball or tree): patch-module, build module --install --reload against
+KDIR (the guest kernel's headers with its vmlinux, so the module gets BTF), verify the file and the
+loaded module, doctor, build tracer with gtp5g loaded, tracer run, tracer selftest --gtp5g, the
+refusal to reload under a gtp5g device, SIGTERM cleanup of the selftest, ``watch --with-tracer --push``
+against the test server with a real nr-gnb sender (validation on) and SIGTERM cleanup, and a validated
+``watch --json`` whose sender exits before the end. Every step lands in DIR/results.json as it finishes
+(version, step, ok, seconds, detail, data), so the host asserts on data even after a timeout.
+
+Commands run in this interpreter through the click entry point where they need no process of their own
+(a Python start costs seconds under TCG over 9p); watch, the test server, the gNB and the SIGTERM cases
+run as processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+import traceback
+from pathlib import Path
+
+from gtp5g_op.kernel import gtp5gnl
+from gtp5g_op.kernel.gtp5glab import NETNS_RUN_DIR, Gtp5gLab, LabConfig
+
+TRACEFS = Path("/sys/kernel/tracing")
+
+
+class Results:
+    def __init__(self, path: Path):
+        self.path = path
+        self.steps: list[dict] = []
+        self.meta: dict = {"release": os.uname().release, "started": time.time()}
+        self.flush()
+
+    def flush(self) -> None:
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": self.meta, "steps": self.steps}, indent=1))
+        tmp.replace(self.path)
+
+    def record(self, version: str, step: str, ok: bool, seconds: float, detail: str, data=None) -> None:
+        self.steps.append({"version": version, "step": step, "ok": ok, "seconds": round(seconds, 2),
+                           "detail": detail[-4000:], "data": data})
+        print(f"[guest] {version} {step}: {'ok' if ok else 'FAIL'} {seconds:.1f}s {detail[:300]}", flush=True)
+        self.flush()
+
+
+def cli(*args: str) -> tuple[int, str, str]:
+    """Run ``gtp5g-op ARGS`` in this interpreter: (exit code, stdout, stderr)."""
+    from gtp5g_op.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main.main(list(args), prog_name="gtp5g-op", standalone_mode=True)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
+
+
+def sh(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
+
+
+def version_of(tree: Path) -> str:
+    header = tree / "include" / "genl_version.h"
+    m = re.search(r'DRV_VERSION\s+"([^"]+)"', header.read_text()) if header.is_file() else None
+    return m.group(1) if m else tree.name
+
+
+def unpack(source: Path, work: Path) -> Path:
+    """A writable copy of the gtp5g source (tarball extracted, tree copied) under ``work``."""
+    dest = work / source.name.removesuffix(".tar.gz").removesuffix(".tgz")
+    shutil.rmtree(dest, ignore_errors=True)
+    if source.is_dir():
+        shutil.copytree(source, dest, symlinks=True)
+        return dest
+    with tarfile.open(source) as tar:
+        tops = {m.name.split("/")[0] for m in tar.getmembers()}
+        tar.extractall(work, filter="data")
+    return work / tops.pop() if len(tops) == 1 else dest
+
+
+def leftovers(instance_prefix: str = "gtp5g-op") -> list[str]:
+    """gtp5g-op's traces on the system: namespaces, gtp5g devices, tracefs instances, tracing BPF links."""
+    left = [f"netns {p.name}" for p in NETNS_RUN_DIR.glob("gtp5g-op-*")] if NETNS_RUN_DIR.is_dir() else []
+    left += [f"gtp5g device {name}" for _, name in _gtp5g_links()]
+    inst = TRACEFS / "instances"
+    left += [f"tracefs instance {p.name}" for p in inst.glob(f"{instance_prefix}*")] if inst.is_dir() else []
+    links = sh(["bpftool", "-j", "link", "show"])
+    try:
+        tracing = [ln for ln in json.loads(links.stdout or "[]")
+                   if ln.get("type") in ("tracing", "kprobe_multi", "perf_event", "kprobe")]
+    except ValueError:
+        tracing = []
+    left += [f"BPF link {ln.get('id')} ({ln.get('type')})" for ln in tracing]
+    return left
+
+
+def _gtp5g_links() -> list[tuple[int, str]]:
+    from gtp5g_op.kernel.modbuild import links_of_kind
+
+    return links_of_kind("gtp5g")
+
+
+def wait_for(pred, timeout: float, step: float = 0.2) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return False
+
+
+class Guest:
+    def __init__(self, results: Results, kdir: Path, work: Path):
+        self.r = results
+        self.kdir = kdir
+        self.work = work
+
+    def step(self, version: str, name: str, fn) -> object:
+        started = time.monotonic()
+        try:
+            ok, detail, data = fn()
+        except Exception as exc:  # a step's crash is its failure, with the traceback as detail
+            ok, detail, data = False, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()[-2500:]}", None
+        self.r.record(version, name, bool(ok), time.monotonic() - started, detail, data)
+        return data if ok else None
+
+    def run_version(self, source: Path) -> None:
+        tree = unpack(source, self.work)
+        v = version_of(tree)
+        os.environ["XDG_CACHE_HOME"] = f"/tmp/cache-{v}"  # each release's tracer is built for its own BTF
+        ko = tree / "gtp5g.ko"
+
+        def patch():
+            code, out, err = cli("patch-module", "--src", str(tree), "--json")
+            doc = json.loads(out) if code == 0 else None
+            return code == 0, f"exit {code}; changed {doc and doc['changed']}{err}", doc
+
+        def build():
+            code, out, err = cli("build", "module", "--src", str(tree), "--kdir", str(self.kdir), "--install",
+                                 "--reload", "-j2")
+            text = out + err
+            return code == 0 and "BTF generated" in text, f"exit {code}: {text.strip()}", {"output": text}
+
+        def verify_file():
+            code, out, err = cli("verify", str(ko), "--base-btf", str(self.kdir / "vmlinux"), "--json")
+            doc = json.loads(out) if out.strip().startswith("{") else None
+            return code == 0 and bool(doc and doc["btf_present"]), f"exit {code} {err.strip()}", doc
+
+        def verify_loaded():
+            code, out, err = cli("verify", "--loaded", "--json")
+            doc = json.loads(out) if out.strip().startswith("{") else None
+            return (code == 0 and bool(doc and doc["btf_present"]),
+                    f"exit {code}; version {gtp5gnl.module_version()}; {err.strip()}", doc)
+
+        def doctor():
+            code, out, err = cli("doctor", "--json")
+            doc = json.loads(out)
+            kernel = {c["name"]: c for c in doc["checks"]
+                      if c["name"] in ("tracefs", "bpf", "kernel BTF", "fentry", "gtp5g module", "gtp5g exports")}
+            bad = [f"{n}: {c['detail']}" for n, c in kernel.items() if not c["ok"]]
+            return not bad and len(kernel) >= 5, "; ".join(bad) or "kernel-side checks ok", doc
+
+        def build_tracer():
+            code, out, err = cli("build", "tracer", "--json")
+            return code == 0, f"exit {code} {out.strip()} {err.strip()}", json.loads(out) if code == 0 else None
+
+        def tracer_run():
+            code, out, err = cli("tracer", "run", "--duration", "0", "--json")
+            doc = json.loads(out) if out.strip().startswith("{") else None
+            progs = doc["programs"] if doc else []
+            failed = [f"{p['name']}: {p['error']}" for p in progs if not p["attached"]]
+            return (code == 0 and bool(doc and doc["attached"]),
+                    f"exit {code}; {doc and doc['attached']} of {len(progs)} attached; " + "; ".join(failed), doc)
+
+        def selftest():
+            code, out, err = cli("tracer", "selftest", "--gtp5g", "--enable-qos", "--json", "--timeout", "20")
+            doc = json.loads(out) if out.strip().startswith("{") else None
+            steps = "; ".join(f"{s['name']}: {'ok' if s['ok'] else s['ok']} {s['detail']}"
+                              for s in (doc or {}).get("steps", []))
+            return code == 0 and bool(doc and doc["ok"]), f"exit {code} {err.strip()} {steps}", doc
+
+        self.step(v, "patch-module", patch)
+        if self.step(v, "build module --install --reload", build) is None:
+            return
+        self.step(v, "verify gtp5g.ko", verify_file)
+        self.step(v, "verify --loaded", verify_loaded)
+        self.step(v, "doctor", doctor)
+        self.step(v, "reload refused while a gtp5g device exists", lambda: self.reload_refused(tree))
+        if self.step(v, "build tracer (gtp5g loaded)", build_tracer) is None:
+            return
+        self.step(v, "tracer run", tracer_run)
+        self.step(v, "tracer selftest --gtp5g", selftest)
+        self.step(v, "selftest SIGTERM cleanup", self.selftest_sigterm)
+        self.step(v, "watch --with-tracer --push, SIGTERM", self.watch_push)
+        self.step(v, "watch --json keeps an exited sender", self.watch_exited)
+
+    # -- steps with processes of their own -----------------------------------------------------
+
+    def reload_refused(self, tree: Path):
+        with Gtp5gLab(LabConfig(tag="rl")) as lab:
+            code, out, err = cli("build", "module", "--src", str(tree), "--kdir", str(self.kdir), "--reload")
+            ok = code != 0 and lab.config.device in err and "--force" in err
+            return ok, f"exit {code}: {err.strip()}", {"exit": code, "stderr": err}
+
+    def selftest_sigterm(self):
+        cmd = ["gtp5g-op", "tracer", "selftest", "--gtp5g", "--packets", "100000", "--json"]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running = wait_for(lambda: any(NETNS_RUN_DIR.glob("gtp5g-op-st-*")) and bool(_gtp5g_links_in_ns()), 120)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            return False, "selftest did not exit within 60 s of SIGTERM", None
+        wait_for(lambda: not leftovers(), 10)
+        left = leftovers()
+        return (running and not left,
+                f"session was {'up' if running else 'NOT up'} at SIGTERM; exit {proc.returncode}; "
+                f"left: {left or 'nothing'}; {err.strip()[-500:]}", {"exit": proc.returncode, "left": left})
+
+    def watch_push(self):
+        server, url, pub = start_testserver(self.work)
+        try:
+            with Gtp5gLab(LabConfig(tag="w")) as lab:
+                gnb = lab.start_gnb(count=0, rate=50)
+                inst = f"gtp5g-op-vmw-{os.getpid()}"
+                cmd = ["gtp5g-op", "watch", "--with-tracer", "--push", "--json", "--interval", "1",
+                       "--api-url", url, "--public-key", str(pub), "--instance", inst]
+                watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                pushed = wait_for(lambda: gnb.pid in server_pids(url, pub), 120, 1.0)
+                watch.send_signal(signal.SIGTERM)
+                try:
+                    out, err = watch.communicate(timeout=60)
+                except subprocess.TimeoutExpired:
+                    watch.kill()
+                    out, err = watch.communicate()
+                report = json.loads(out) if out.strip().startswith("{") else None
+                gnb.stop()
+            wait_for(lambda: not leftovers(), 10)
+            left = leftovers()
+            seen = [p for p in (report or {}).get("processes", []) if p.get("pid") == gnb.pid]
+            ok = pushed and watch.returncode == 0 and bool(seen) and not left
+            return ok, (f"pushed gNB pid {gnb.pid}: {pushed}; watch exit {watch.returncode}; in report: "
+                        f"{bool(seen)}; left: {left or 'nothing'}; {err.strip()[-800:]}"), \
+                {"report": report, "left": left, "gnb_pid": gnb.pid}
+        finally:
+            server.terminate()
+            server.wait(10)
+
+    def watch_exited(self):
+        with Gtp5gLab(LabConfig(tag="x")) as lab:
+            inst = f"gtp5g-op-vmx-{os.getpid()}"
+            cmd = ["gtp5g-op", "watch", "--with-tracer", "--json", "--duration", "25", "--instance", inst]
+            watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            time.sleep(12)  # the tracer is attached by then (it takes seconds under TCG)
+            gnb = lab.start_gnb(count=100, rate=50)
+            gnb.wait(timeout=60)
+            out, err = watch.communicate(timeout=120)
+        report = json.loads(out) if out.strip().startswith("{") else None
+        procs = (report or {}).get("processes", [])
+        mine = [p for p in procs if p.get("pid") == gnb.pid]
+        exited = bool(mine) and any(p.get("exited") or p.get("state") == "exited" for p in mine)
+        return (watch.returncode == 0 and exited,
+                f"watch exit {watch.returncode}; gNB pid {gnb.pid} (exited) in report: {mine or 'no'}; "
+                f"stats {report and report.get('stats')}; rejected {report and report.get('rejected')}; "
+                f"{err.strip()[-500:]}", report)
+
+
+def _gtp5g_links_in_ns() -> bool:
+    """A gtp5g device exists in one of gtp5g-op's namespaces."""
+    for ns in NETNS_RUN_DIR.glob("gtp5g-op-*"):
+        out = sh(["ip", "-n", ns.name, "-d", "link", "show"]).stdout
+        if "gtp5g" in out:
+            return True
+    return False
+
+
+def start_testserver(work: Path) -> tuple[subprocess.Popen, str, Path]:
+    pub = work / "gthulhu.pub"
+    cmd = [sys.executable, "-m", "gtp5g_op.gthulhu.testserver", "--port", "0", "--empty",
+           "--private-key", str(work / "gthulhu.key"), "--public-key-out", str(pub)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        m = re.search(r"listening on (\S+)", line)
+        if m:
+            url = m.group(1)
+            return proc, url if url.startswith("http") else f"http://{url}", pub
+        if not line and proc.poll() is not None:
+            break
+    proc.kill()
+    raise RuntimeError("the test server did not start")
+
+
+def server_pids(url: str, pub: Path) -> set[int]:
+    """PIDs in the strategies the test server holds (through gtp5g-op's own client)."""
+    code, out, _ = cli("strategies", "list", "--json", "--api-url", url, "--public-key", str(pub))
+    if code != 0:
+        return set()
+    pids: set[int] = set()
+
+    def walk(obj) -> None:
+        if isinstance(obj, dict):
+            for k, val in obj.items():
+                if k in ("pid", "PID") and isinstance(val, int):
+                    pids.add(val)
+                else:
+                    walk(val)
+        elif isinstance(obj, list):
+            for item in obj:
+                walk(item)
+
+    walk(json.loads(out))
+    return pids
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--results", type=Path, required=True)
+    ap.add_argument("--kdir", type=Path, required=True)
+    ap.add_argument("sources", type=Path, nargs="+")
+    args = ap.parse_args()
+    results = Results(args.results / "results.json")
+    work = Path("/tmp/gtp5g-op-vm")
+    work.mkdir(parents=True, exist_ok=True)
+    guest = Guest(results, args.kdir, work)
+    for source in args.sources:
+        started = time.monotonic()
+        try:
+            guest.run_version(source)
+        except Exception:
+            results.record(source.name, "guest driver", False, time.monotonic() - started,
+                           traceback.format_exc()[-3000:])
+    results.meta["seconds"] = round(time.time() - results.meta["started"], 1)
+    results.meta["done"] = True
+    results.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
