@@ -2,8 +2,10 @@
 
     python tests/vm/guest.py --results DIR --kdir KDIR SOURCE...
 
-For each gtp5g SOURCE (a release tarball or tree): patch-module, build module --install --reload against
-KDIR (the guest kernel's headers with its vmlinux, so the module gets BTF), verify the file and the
+For each gtp5g SOURCE (a release tarball, or a tree used in place: vmlab.prebuild patched and built it
+on the host against KDIR, the guest kernel's headers with its vmlinux, so the module has BTF):
+patch-module (nothing left to do) and --check, install and reload (what build module --install --reload
+does after make), the refusal of `build module --reload` under a gtp5g device, verify the file and the
 loaded module, doctor, build tracer with gtp5g loaded, tracer run, tracer selftest --gtp5g, the
 refusal to reload under a gtp5g device, SIGTERM cleanup of the selftest, ``watch --with-tracer --push``
 against the test server with a real nr-gnb sender (validation on) and SIGTERM cleanup, and a validated
@@ -23,7 +25,6 @@ import io
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -75,23 +76,20 @@ def sh(cmd: list[str], timeout: float = 120, **kw) -> subprocess.CompletedProces
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False, **kw)
 
 
-def version_of(tree: Path) -> str:
-    header = tree / "include" / "genl_version.h"
-    m = re.search(r'DRV_VERSION\s+"([^"]+)"', header.read_text()) if header.is_file() else None
-    return m.group(1) if m else tree.name
+STEPS = ("patch-module", "install --reload", "verify gtp5g.ko", "verify --loaded", "doctor",
+         "reload refused while a gtp5g device exists", "build tracer (gtp5g loaded)", "tracer run",
+         "tracer selftest --gtp5g", "selftest SIGTERM cleanup", "watch --with-tracer --push, SIGTERM",
+         "watch --json keeps an exited sender")
 
 
 def unpack(source: Path, work: Path) -> Path:
-    """A writable copy of the gtp5g source (tarball extracted, tree copied) under ``work``."""
-    dest = work / source.name.removesuffix(".tar.gz").removesuffix(".tgz")
-    shutil.rmtree(dest, ignore_errors=True)
+    """The tree to work on: a directory in place, a tarball extracted under ``work``."""
     if source.is_dir():
-        shutil.copytree(source, dest, symlinks=True)
-        return dest
+        return source
     with tarfile.open(source) as tar:
         tops = {m.name.split("/")[0] for m in tar.getmembers()}
         tar.extractall(work, filter="data")
-    return work / tops.pop() if len(tops) == 1 else dest
+    return work / tops.pop()
 
 
 def leftovers(instance_prefix: str = "gtp5g-op") -> list[str]:
@@ -142,20 +140,32 @@ class Guest:
 
     def run_version(self, source: Path) -> None:
         tree = unpack(source, self.work)
-        v = version_of(tree)
+        v = tree.name
         os.environ["XDG_CACHE_HOME"] = f"/tmp/cache-{v}"  # each release's tracer is built for its own BTF
         ko = tree / "gtp5g.ko"
 
         def patch():
             code, out, err = cli("patch-module", "--src", str(tree), "--json")
             doc = json.loads(out) if code == 0 else None
-            return code == 0, f"exit {code}; changed {doc and doc['changed']}{err}", doc
+            check, cout, cerr = cli("patch-module", "--src", str(tree), "--check", "--json")
+            states = {f["name"]: f["state"] for f in json.loads(cout)["functions"]} if cout.strip() else {}
+            return (code == 0 and check == 0,
+                    f"exit {code}; changed {doc and doc['changed']}; --check exit {check}: {states} {err}{cerr}",
+                    {"patch": doc, "states": states})
 
-        def build():
-            code, out, err = cli("build", "module", "--src", str(tree), "--kdir", str(self.kdir), "--install",
-                                 "--reload", "-j2")
-            text = out + err
-            return code == 0 and "BTF generated" in text, f"exit {code}: {text.strip()}", {"output": text}
+        def install_reload():
+            # What `build module --install --reload` does after make (make ran on the host: vmlab.prebuild).
+            from gtp5g_op.kernel import modbuild
+
+            installed = modbuild.install(ko, os.uname().release)
+            steps = modbuild.reload()
+            version = gtp5gnl.module_version()
+            btf = Path("/sys/kernel/btf/gtp5g").is_file()
+            rejected = [ln for ln in sh(["dmesg"]).stdout.splitlines() if "failed to validate module" in ln]
+            ok = version == v.split("-v")[-1] and btf and not rejected
+            return ok, (f"installed {installed.path}; ran {', '.join(installed.depmod)}; {'; '.join(steps)}; "
+                        f"loaded version {version}; module BTF {'present' if btf else 'MISSING'}; "
+                        f"{rejected or 'no BTF rejection in dmesg'}"), {"steps": steps, "version": version}
 
         def verify_file():
             code, out, err = cli("verify", str(ko), "--base-btf", str(self.kdir / "vmlinux"), "--json")
@@ -196,7 +206,7 @@ class Guest:
             return code == 0 and bool(doc and doc["ok"]), f"exit {code} {err.strip()} {steps}", doc
 
         self.step(v, "patch-module", patch)
-        if self.step(v, "build module --install --reload", build) is None:
+        if self.step(v, "install --reload", install_reload) is None:
             return
         self.step(v, "verify gtp5g.ko", verify_file)
         self.step(v, "verify --loaded", verify_loaded)
@@ -213,10 +223,16 @@ class Guest:
     # -- steps with processes of their own -----------------------------------------------------
 
     def reload_refused(self, tree: Path):
+        """The real CLI, a real gtp5g device in a private namespace: refused before make runs."""
+        log = tree / ".gtp5g-op" / "build.log"
+        before = log.stat().st_mtime_ns if log.exists() else None
         with Gtp5gLab(LabConfig(tag="rl")) as lab:
             code, out, err = cli("build", "module", "--src", str(tree), "--kdir", str(self.kdir), "--reload")
-            ok = code != 0 and lab.config.device in err and "--force" in err
-            return ok, f"exit {code}: {err.strip()}", {"exit": code, "stderr": err}
+            still = bool(_gtp5g_links_in_ns())
+        untouched = (log.stat().st_mtime_ns if log.exists() else None) == before
+        ok = code == 1 and f"{lab.config.device} (netns {lab.config.netns})" in err and "--force" in err
+        return ok and still and untouched, (f"exit {code}: {err.strip()}; device still there: {still}; "
+                                            f"make not run: {untouched}"), {"exit": code, "stderr": err}
 
     def selftest_sigterm(self):
         cmd = ["gtp5g-op", "tracer", "selftest", "--gtp5g", "--packets", "100000", "--json"]
