@@ -285,3 +285,17 @@ def test_cli_build_module(tmp_path, kdir):
     res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir)])
     assert res.exit_code == 1
     assert "error:" in res.output and "gtp5g-op: error: build failed" in res.output
+
+
+@pytest.mark.slow
+def test_cli_install_refuses_a_module_without_btf(tmp_path, kdir):
+    """Real build against Debian's headers (no vmlinux): --install stops before copying anything."""
+    src = copy_tree(tmp_path, "v0.10")
+    target = Path("/lib/modules") / modbuild.kdir_release(kdir) / modbuild.INSTALL_SUBDIR / "gtp5g.ko"
+    existed = target.exists()
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir), "--install",
+                                    "--no-copy-vmlinux", "-j", "2"])
+    assert res.exit_code == 1, res.output
+    assert "has no BTF, so the tracer cannot attach to it; nothing was installed" in res.output
+    assert "--vmlinux" in res.output and "--allow-no-btf" in res.output
+    assert target.exists() == existed

@@ -248,7 +248,8 @@ class Guest:
             return False, "selftest did not exit within 60 s of SIGTERM", None
         wait_for(lambda: not leftovers(), 10)
         left = leftovers()
-        return (running and not left,
+        said = proc.returncode == 130 and "interrupted; everything the selftest had created was removed" in err
+        return (running and not left and said,
                 f"session was {'up' if running else 'NOT up'} at SIGTERM; exit {proc.returncode}; "
                 f"left: {left or 'nothing'}; {err.strip()[-500:]}", {"exit": proc.returncode, "left": left})
 
@@ -256,18 +257,14 @@ class Guest:
         server, url, pub = start_testserver(self.work)
         try:
             with Gtp5gLab(LabConfig(tag="w")) as lab:
-                gnb = lab.start_gnb(count=0, rate=50)
+                gnb = lab.start_gnb(count=0, rate=50, timeout=90)
                 inst = f"gtp5g-op-vmw-{os.getpid()}"
                 cmd = ["gtp5g-op", "watch", "--with-tracer", "--push", "--json", "--interval", "1",
                        "--api-url", url, "--public-key", str(pub), "--instance", inst]
-                watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                pushed = wait_for(lambda: gnb.pid in server_pids(url, pub), 120, 1.0)
-                watch.send_signal(signal.SIGTERM)
-                try:
+                with _reaped(cmd) as watch:
+                    pushed = wait_for(lambda: gnb.pid in server_pids(url, pub), 120, 1.0)
+                    watch.send_signal(signal.SIGTERM)
                     out, err = watch.communicate(timeout=60)
-                except subprocess.TimeoutExpired:
-                    watch.kill()
-                    out, err = watch.communicate()
                 report = json.loads(out) if out.strip().startswith("{") else None
                 gnb.stop()
             wait_for(lambda: not leftovers(), 10)
@@ -282,12 +279,11 @@ class Guest:
             server.wait(10)
 
     def watch_exited(self):
-        with Gtp5gLab(LabConfig(tag="x")) as lab:
-            inst = f"gtp5g-op-vmx-{os.getpid()}"
-            cmd = ["gtp5g-op", "watch", "--with-tracer", "--json", "--duration", "25", "--instance", inst]
-            watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            time.sleep(12)  # the tracer is attached by then (it takes seconds under TCG)
-            gnb = lab.start_gnb(count=100, rate=50)
+        with Gtp5gLab(LabConfig(tag="x")) as lab, _reaped(["gtp5g-op", "watch", "--with-tracer", "--json",
+                                                             "--duration", "40", "--instance",
+                                                             f"gtp5g-op-vmx-{os.getpid()}"]) as watch:
+            wait_for(lambda: _tracer_attached(), 60)  # the sender's packets must find the tracer there
+            gnb = lab.start_gnb(count=100, rate=50, timeout=90)
             gnb.wait(timeout=60)
             out, err = watch.communicate(timeout=120)
         report = json.loads(out) if out.strip().startswith("{") else None
@@ -298,6 +294,26 @@ class Guest:
                 f"watch exit {watch.returncode}; gNB pid {gnb.pid} (exited) in report: {mine or 'no'}; "
                 f"stats {report and report.get('stats')}; rejected {report and report.get('rejected')}; "
                 f"{err.strip()[-500:]}", report)
+
+
+@contextlib.contextmanager
+def _reaped(cmd: list[str]):
+    """A process for the block; killed if still running when the block ends (a failed step leaves none)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def _tracer_attached() -> bool:
+    """A tracing BPF link exists (the watch's tracer is attached)."""
+    try:
+        return any(ln.get("type") == "tracing" for ln in json.loads(sh(["bpftool", "-j", "link", "show"]).stdout))
+    except ValueError:
+        return False
 
 
 def _gtp5g_links_in_ns() -> bool:

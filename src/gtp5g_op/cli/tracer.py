@@ -139,12 +139,15 @@ def selftest(gtp5g: bool, obj: Path | None, build_dir: Path | None, timeout: flo
     if not gtp5g and (enable_qos or packets != 20):
         raise UsageError("--packets and --enable-qos only apply with --gtp5g",
                          fix="add --gtp5g, or drop them")
-    with _sigterm_as_interrupt():
-        if gtp5g:
-            result = run_gtp5g_selftest(obj, build_dir, timeout=timeout, packets=packets,
-                                        enable_qos=enable_qos, instance=instance)
-        else:
-            result = run_selftest(obj, build_dir, timeout=timeout, instance=instance or "gtp5g-op-selftest")
+    try:
+        with _sigterm_as_interrupt():
+            if gtp5g:
+                result = run_gtp5g_selftest(obj, build_dir, timeout=timeout, packets=packets,
+                                            enable_qos=enable_qos, instance=instance)
+            else:
+                result = run_selftest(obj, build_dir, timeout=timeout, instance=instance or "gtp5g-op-selftest")
+    except KeyboardInterrupt:
+        raise OpError("interrupted; everything the selftest had created was removed", exit_code=130) from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:

@@ -4,7 +4,8 @@ Inside the network namespace given with ``--netns`` it binds the gNB's N3 addres
 each round, sends to the UPF's N3 socket one uplink G-PDU (TEID ``--ul-teid``, an inner IPv4/UDP packet
 from the UE) and one GTP-U Echo Request, then one downlink IP datagram to the UE address (routed into
 the gtp5g device, which encapsulates it back to this gNB with TEID ``--dl-teid``). Downlink G-PDUs that
-come back are counted. The kernel runs gtp5g's hooks in this process's context, so the tracer's lines
+come back are counted (more than sent when gtp5g also encapsulates the kernel's ICMP answers to the
+uplink's inner packets), and so are echo responses. The kernel runs gtp5g's hooks in this process's context, so the tracer's lines
 name it::
 
     python -m gtp5g_op.kernel.gnb --netns gtp5g-op-st-123 --count 50 --json
@@ -33,6 +34,7 @@ GTP_FLAGS = 0x30  # version 1, protocol type GTP, no optional fields
 GTP_FLAGS_SEQ = 0x32  # ... with the sequence number field (Echo Request carries one)
 GTP_GPDU = 0xFF
 GTP_ECHO_REQUEST = 1
+GTP_ECHO_RESPONSE = 2
 CLONE_NEWNET = 0x40000000
 NETNS_RUN_DIR = "/var/run/netns"
 
@@ -106,7 +108,7 @@ def run(netns: str | None, name: str, upf: str, gnb: str, ue: str, dn: str, ul_t
             on_ready({"pid": os.getpid(), "name": name, "netns": netns, "gnb": f"{gnb}:{GTPU_PORT}",
                       "upf": f"{upf}:{GTPU_PORT}"})
         sent = {"uplink_gpdu": 0, "echo_request": 0, "downlink_ip": 0}
-        received = {"downlink_gpdu": 0, "other": 0}
+        received = {"downlink_gpdu": 0, "echo_response": 0, "other": 0}
         errors: list[str] = []
         interval = 1.0 / rate
         next_at = time.monotonic()
@@ -145,7 +147,12 @@ def _drain(sock: socket.socket, dl_teid: int, received: dict) -> None:
             pkt = sock.recv(65535)
         except BlockingIOError:
             return
-        received["downlink_gpdu" if parse_gpdu_teid(pkt) == dl_teid else "other"] += 1
+        if parse_gpdu_teid(pkt) == dl_teid:
+            received["downlink_gpdu"] += 1
+        elif len(pkt) >= 8 and pkt[0] >> 5 == 1 and pkt[1] == GTP_ECHO_RESPONSE:
+            received["echo_response"] += 1
+        else:
+            received["other"] += 1
 
 
 def _int(value: str) -> int:

@@ -196,7 +196,7 @@ class Gtp5gLab:
         return True
 
     def start_gnb(self, count: int = 20, rate: float = 50.0, name: str = "nr-gnb",
-                  timeout: float = 10.0) -> GnbProcess:
+                  timeout: float = 30.0) -> GnbProcess:
         """Run the gNB sender in the namespace; returns once it is ready (its pid known)."""
         cfg = self.config
         cmd = [sys.executable, "-m", "gtp5g_op.kernel.gnb", "--json", "--netns", cfg.netns, "--name", name,
@@ -215,7 +215,7 @@ class Gtp5gLab:
         except ValueError:
             proc.kill()
             _, err = proc.communicate()
-            raise OpError(f"the gNB sender did not start: {(line + err).strip()[-300:]}",
+            raise OpError(f"the gNB sender did not start within {timeout:g}s: {(line + err).strip()[-300:]}",
                           fix="run python -m gtp5g_op.kernel.gnb by hand to see why") from None
         gnb = GnbProcess(proc, int(doc["pid"]))
         self.gnbs.append(gnb)

@@ -315,7 +315,7 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
             step(all(v == packets for v in sent.values()) and not result.gnb["errors"],
                  f"{gnb_name} pid {gnb.pid} sent {sent['uplink_gpdu']} uplink G-PDUs, {sent['echo_request']} "
                  f"echo requests, {sent['downlink_ip']} downlink IP; got back {received['downlink_gpdu']} "
-                 "downlink G-PDUs" + ("; errors: " + "; ".join(result.gnb["errors"]) if result.gnb["errors"]
+                 f"downlink G-PDUs, {received.get('echo_response', 0)} echo responses" + ("; errors: " + "; ".join(result.gnb["errors"]) if result.gnb["errors"]
                                       else ""))
             for h in result.hooks:
                 if h.attached and h.hook.endswith("/policePacket") and not qos:
