@@ -205,6 +205,8 @@ def test_configmap_toml_is_a_valid_gtp5g_op_config(rendered, tmp_path):
     assert settings.public_key == Path("/etc/gtp5g-op/keys/public.pem")
     assert settings.policy.priority is True and settings.policy.execution_time_ns == 20_000_000
     assert settings.interval == 10.0
+    # Anti-spoofing: the free5GC UERANSIM image's install path, absolute (docs/deploy.md).
+    assert settings.exe_allow == ("/ueransim/nr-gnb", "/ueransim/nr-ue") and not settings.allow_user_writable_exe
     # The overlays override the URL through the environment, as the DaemonSet does.
     overlay_env = {e["name"]: e.get("value") for e in container(rendered["overlays/example"])["env"]}
     assert load_settings(path, env=overlay_env).api_url == "http://gthulhu-api.gthulhu.svc:80"

@@ -90,11 +90,11 @@ def test_live_watch_pushes_process_and_threads_then_drops_them(selftest_probe, g
 
 
 @host_pids
-def test_exe_allow_rejects_a_renamed_interpreter(selftest_probe, gthulhu_server, tmp_path):
+def test_a_renamed_interpreter_is_rejected_by_default(selftest_probe, gthulhu_server, tmp_path):
     instance = "gtp5g-op-e2e-exe"
-    watch = start_watch(gthulhu_server, tmp_path, instance, "--exe-allow", "*/nr-gnb")
+    watch = start_watch(gthulhu_server, tmp_path, instance)
     try:
-        with workload.start("nr-gnb", threads=3, rate=200) as wl:
+        with workload.start("nr-gnb", threads=3, rate=200, binary=False) as wl:
             expected = {wl.pid, *wl.ready.tids}
             assert wait_for(lambda: expected & gthulhu_server.pids(), timeout=2.5) is None
     finally:
@@ -108,7 +108,7 @@ def test_exe_allow_accepts_the_real_executable(selftest_probe, gthulhu_server, t
     real = os.path.realpath(sys.executable)
     watch = start_watch(gthulhu_server, tmp_path, "gtp5g-op-e2e-ok", "--exe-allow", real)
     try:
-        with workload.start("nr-gnb", threads=1, rate=200) as wl:
+        with workload.start("nr-gnb", threads=1, rate=200, binary=False) as wl:
             assert wait_for(lambda: wl.pid in gthulhu_server.pids(), timeout=5) is not None
     finally:
         finish(watch)

@@ -49,7 +49,9 @@ def test_live_process_its_threads_and_its_exit():
         time.sleep(0.05)
         pipe.refresh()
     assert pipe.targets() == frozenset() and pusher.sets[-1] == frozenset()
-    assert pipe.records == {}
+    # What was seen stays in the report, marked exited (issue 10 h).
+    report = pipe.report()["processes"]
+    assert {p["pid"] for p in report} == targets and all(p["exited"] and p["valid"] for p in report)
 
 
 def test_unknown_comm_of_a_live_thread_is_named_from_proc():

@@ -111,13 +111,33 @@ def test_trace_timestamps_of_a_boot_clock_instance_compare_exactly_with_start_ti
             assert validator.check(after.pid, "nr-gnb", seen_at=seen_at).code == "reused"
 
 
-def test_exe_allow_rejects_a_renamed_interpreter(gnb):
-    v = ProcessValidator(exe_allow=["*/nr-gnb", "*/nr-ue"]).check(gnb.pid, "nr-gnb")
-    assert not v.ok and v.code == "exe"
-    assert v.exe == os.path.realpath(sys.executable) and "matches no --exe-allow glob" in v.reason
-    ok = ProcessValidator(exe_allow=["*/nr-gnb", "*/python3*"]).check(gnb.ready.tids[1], "nr-gnb")
-    assert ok.ok and ok.exe == os.path.realpath(sys.executable)
-    assert ProcessValidator().check(gnb.pid, "nr-gnb").exe is None  # not read without an allow-list
+def test_a_renamed_interpreter_is_no_target_unless_its_path_is_allowed():
+    """Renaming a process (prctl, /proc/self/comm) is not enough: the executable must be named like a target."""
+    with workload.start("nr-gnb", threads=1, rate=5, binary=False) as wl:
+        real = os.path.realpath(sys.executable)
+        v = ProcessValidator().check(wl.pid, "nr-gnb")
+        assert not v.ok and v.code == "exe" and v.exe == real and "not named like a target" in v.reason
+        v = ProcessValidator(exe_allow=["/*/nr-gnb", "/opt/*/nr-ue"]).check(wl.pid, "nr-gnb")
+        assert not v.ok and v.code == "exe" and "matches no --exe-allow path" in v.reason
+        ok = ProcessValidator(exe_allow=["/opt/x/nr-gnb", real]).check(wl.ready.tids[0], "nr-gnb")
+        assert ok.ok and ok.exe == real
+
+
+def test_an_installed_binary_named_like_the_target_is_accepted(gnb):
+    v = ProcessValidator().check(gnb.pid, "nr-gnb")
+    assert v.ok and v.exe == gnb.exe and os.path.basename(gnb.exe) == "nr-gnb"
+    assert ProcessValidator(exe_allow=[os.path.dirname(gnb.exe) + "/nr-*"]).check(gnb.pid, "nr-gnb").ok
+
+
+def test_exe_patterns_must_be_absolute_and_match_one_level_per_star():
+    from gtp5g_op.errors import UsageError
+    from gtp5g_op.trace.validate import exe_matches
+
+    with pytest.raises(UsageError, match="not an absolute path"):
+        ProcessValidator(exe_allow=["*/nr-gnb"])
+    assert exe_matches("/opt/UERANSIM/build/nr-gnb", "/opt/*/build/nr-gnb")
+    assert not exe_matches("/tmp/a/b/nr-gnb", "/tmp/*/nr-gnb")  # fnmatch's * would cross '/'
+    assert not exe_matches("/tmp/x/nr-gnb", "/*/nr-gnb")
 
 
 def test_exe_allow_rejects_an_unreadable_executable(gnb):
@@ -130,7 +150,7 @@ def test_exe_allow_rejects_an_unreadable_executable(gnb):
         try:
             os.setgid(65534)
             os.setuid(65534)
-            v = ProcessValidator(exe_allow=["*"]).check(gnb.pid, "nr-gnb")
+            v = ProcessValidator(exe_allow=["/*"]).check(gnb.pid, "nr-gnb")
             os.write(wfd, f"{v.ok}|{v.code}|{v.reason}".encode())
         finally:
             os._exit(0)
@@ -138,7 +158,7 @@ def test_exe_allow_rejects_an_unreadable_executable(gnb):
     with os.fdopen(rfd) as f:
         out = f.read()
     os.waitpid(pid, 0)
-    assert out == "False|exe|executable unknown (reading it was denied) and --exe-allow is set"
+    assert out == "False|exe|executable unknown (reading it was denied), so it cannot be checked"
 
 
 def test_threads_lists_every_thread_with_its_current_comm():

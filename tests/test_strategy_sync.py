@@ -9,14 +9,8 @@ import pytest
 
 from gtp5g_op.config import Policy, Rule
 from gtp5g_op.gthulhu.legacy import GthulhuClient
-from gtp5g_op.gthulhu.sync import (
-    MANUAL,
-    WATCH,
-    OwnershipStore,
-    StrategyPusher,
-    merge,
-    target_strategies,
-)
+from gtp5g_op.gthulhu.ownership import MANUAL, WATCH, OwnershipStore
+from gtp5g_op.gthulhu.sync import StrategyPusher, merge, target_strategies
 from gtp5g_op.model import Target
 
 APP = [{"key": "app", "value": "ueransim-macvlan"}]

@@ -16,8 +16,8 @@ import pytest
 from conftest import host_pids, require_root
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
+from gtp5g_op.ops.statedir import default_state_dir
 from gtp5g_op.trace.tracefs import (
-    LOCK_DIR,
     TraceInstance,
     cleanup_stale_instances,
     cpu_stats,
@@ -27,6 +27,11 @@ from gtp5g_op.trace.tracefs import (
 )
 
 _seq = itertools.count()
+
+
+def lock_file(name: str) -> Path:
+    """Where an instance's lock lives: lock/instance-<name> in the default state directory."""
+    return default_state_dir() / "lock" / f"instance-{name}"
 
 
 @pytest.fixture
@@ -157,10 +162,10 @@ def test_instance_is_created_configured_and_removed(root, name):
         assert 64 <= int((path / "buffer_size_kb").read_text()) < 128  # the kernel rounds up to pages
         assert (path / "options/record-tgid").read_text().strip() == "1"
         assert trace_clock(path) == "boot"
-        assert (LOCK_DIR / f"{name}.lock").read_text().strip() == str(os.getpid())
+        assert lock_file(name).read_text().strip() == str(os.getpid())
         assert inst.overruns() == 0
     assert not path.exists()
-    assert not (LOCK_DIR / f"{name}.lock").exists()
+    assert not lock_file(name).exists()
     inst.remove()  # twice is fine
 
 
@@ -238,7 +243,7 @@ def test_instance_is_removed_on_exit_and_signals(root, name, how):
         proc.send_signal(signal.SIGTERM)
     proc.wait(10)
     assert not (root / "instances" / name).exists()
-    assert not (LOCK_DIR / f"{name}.lock").exists()
+    assert not lock_file(name).exists()
 
 
 def test_stale_instance_held_open_gives_the_fix(root, name):
@@ -252,7 +257,7 @@ def test_stale_instance_held_open_gives_the_fix(root, name):
     finally:
         os.close(fd)
         path.rmdir()
-    assert not (LOCK_DIR / f"{name}.lock").exists()
+    assert not lock_file(name).exists()
 
 
 @pytest.mark.parametrize("bad", ["", "a/b", "..", "x" * 65, "sp ace"])

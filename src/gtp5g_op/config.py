@@ -6,10 +6,11 @@ docs/config.example.toml is a complete sample.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -21,23 +22,52 @@ DEFAULT_MATCH = r"^(nr-gnb|nr-ue)$"
 DEFAULT_EXECUTION_TIME_NS = 20_000_000  # 20 ms, what the first lab deployment pushed
 DEFAULT_INTERVAL = 10.0
 ENV_PREFIX = "GTP5G_OP_"
+MAX_DURATION_NS = 2**63 - 1  # what a signed 64-bit nanosecond field (Go's time.Duration) holds
 
 _UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*$")
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ns|us|µs|ms|s)?\s*\Z")
 
 
-def parse_duration_ns(value: str | float) -> int:
-    """``"20ms"``, ``"1.5s"``, ``"500us"``, ``"100ns"`` or a bare number of nanoseconds → ns."""
+def finite_number(value: Any, what: str, minimum: float = 0.0, maximum: float = 1e9, *,
+                  min_open: bool = True) -> float:
+    """``value`` (a number or its text) as a float in range; nan, inf and booleans are refused.
+
+    ``minimum`` is excluded when ``min_open`` (the default: "more than 0"), included otherwise.
+    """
     if isinstance(value, bool):
-        raise UsageError(f"execution time {value!r} is not a duration", "write it like 20ms, 1.5s or 500us")
+        raise UsageError(f"{what}={value!r} is not a number", f"give a number for {what}")
+    try:
+        number = float(value.strip() if isinstance(value, str) else value)
+    except (TypeError, ValueError, OverflowError):
+        raise UsageError(f"{what}={value!r} is not a number", f"give a number for {what}") from None
+    if not math.isfinite(number):
+        raise UsageError(f"{what}={value!r} is not a finite number", f"give a number such as 1 or 0.5 for {what}")
+    if number < minimum or (min_open and number == minimum):
+        raise UsageError(f"{what}={value!r} is too small",
+                         f"give a value {'above' if min_open else 'of at least'} {minimum:g} for {what}")
+    if number > maximum:
+        raise UsageError(f"{what}={value!r} is too large", f"give a value of at most {maximum:g} for {what}")
+    return number
+
+
+def parse_duration_ns(value: str | float, what: str = "execution time") -> int:
+    """``"20ms"``, ``"1.5s"``, ``"500us"``, ``"100ns"`` or a bare number of nanoseconds → ns."""
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise UsageError(f"{what} {value!r} is not a duration", "write it like 20ms, 1.5s or 500us")
     if isinstance(value, (int, float)):
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UsageError(f"{what} {value} is not a finite duration", "give a duration such as 20ms")
         if value < 0:
-            raise UsageError(f"execution time {value} is negative", "give a positive duration such as 20ms")
-        return int(value)
-    m = _DURATION_RE.match(value)
-    if not m:
-        raise UsageError(f"execution time {value!r} is not a duration", "write it like 20ms, 1.5s, 500us or 20000000 (ns)")
-    return round(float(m.group(1)) * _UNITS_NS[m.group(2) or "ns"])
+            raise UsageError(f"{what} {value} is negative", "give a positive duration such as 20ms")
+        ns = int(value)
+    else:
+        m = _DURATION_RE.match(value)
+        if not m:
+            raise UsageError(f"{what} {value!r} is not a duration", "write it like 20ms, 1.5s, 500us or 20000000 (ns)")
+        ns = round(float(m.group(1)) * _UNITS_NS[m.group(2) or "ns"]) if len(m.group(1)) < 30 else MAX_DURATION_NS + 1
+    if ns > MAX_DURATION_NS:
+        raise UsageError(f"{what} {value!r} is too long", "give a duration below 292 years, such as 20ms")
+    return ns
 
 
 def format_duration_ns(ns: int) -> str:
@@ -48,33 +78,130 @@ def format_duration_ns(ns: int) -> str:
     return f"{ns} ns"
 
 
-def _bool(value: Any, what: str) -> bool:
+# --- typed values ---------------------------------------------------------------------------------
+# Every setting is converted by one function of its type. A converter gets the raw value, the name it
+# was given under (file key, env variable or flag) and whether it came as text (environment: always a
+# string, parsed) or typed (a TOML value or a flag: its type must already be right).
+
+
+def _str(value: Any, what: str, text: bool) -> str:
+    if not isinstance(value, str):
+        raise UsageError(f"{what} = {value!r} is not a string", f"write {what} as a quoted string")
+    if "\0" in value:
+        raise UsageError(f"{what} contains a NUL character", f"remove it from {what}")
+    return value
+
+
+def _bool(value: Any, what: str, text: bool = True) -> bool:
     if isinstance(value, bool):
         return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
+    if text and isinstance(value, str):
+        word = value.strip().lower()
+        if word in ("1", "true", "yes", "on"):
+            return True
+        if word in ("0", "false", "no", "off"):
+            return False
     raise UsageError(f"{what}={value!r} is not a boolean", "use true or false")
 
 
-def _float(value: Any, what: str, minimum: float = 0.0) -> float:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"{what}={value!r} is not a number", f"give a number of seconds for {what}") from None
-    if number <= minimum:
-        raise UsageError(f"{what}={value!r} is too small", f"give a value above {minimum:g}")
-    return number
+def _seconds(minimum: float, maximum: float, min_open: bool = True) -> Callable[[Any, str, bool], float]:
+    def convert(value: Any, what: str, text: bool) -> float:
+        if not text and not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise UsageError(f"{what} = {value!r} is not a number", f"give {what} a number of seconds, e.g. 5")
+        return finite_number(value, what, minimum, maximum, min_open=min_open)
+
+    return convert
 
 
-def _regex(value: str, what: str) -> str:
+def _path(value: Any, what: str, text: bool) -> Path | None:
+    if isinstance(value, Path):  # a flag the CLI already made a Path
+        return value.expanduser()
+    return Path(_str(value, what, text)).expanduser() if value != "" else None
+
+
+def _url(value: Any, what: str, text: bool) -> str:
+    url = _str(value, what, text).rstrip("/")
+    if not re.match(r"https?://[^/]+(/|\Z)", url) or any(c.isspace() or not c.isprintable() for c in url):
+        raise UsageError(f"API URL {url!r} is not an http(s) URL", "use e.g. http://127.0.0.1:8080")
+    return url
+
+
+def _regex(value: Any, what: str, text: bool = False) -> str:
+    value = _str(value, what, text)
     try:
         re.compile(value)
-    except re.error as exc:
+    except (re.error, RecursionError, OverflowError) as exc:
         raise UsageError(f"{what} {value!r} is not a valid regular expression: {exc}", "fix the pattern") from None
     return value
+
+
+def _duration(value: Any, what: str, text: bool) -> int:
+    return parse_duration_ns(value, what)
+
+
+def _str_list(value: Any, what: str, text: bool) -> tuple[str, ...]:
+    """A list of strings; from text, comma (or colon) separated; a single string is a list of one."""
+    if isinstance(value, str):
+        return tuple(p.strip() for p in re.split(r"[,:]", value) if p.strip()) if text else (value,)
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise UsageError(f"{what} = {value!r} is not a list of strings", f'write {what} = ["...", "..."]')
+    return tuple(_str(v, what, text) for v in value)
+
+
+def check_exe_patterns(patterns: Any, what: str = "--exe-allow") -> tuple[str, ...]:
+    """Absolute executable path patterns; a relative one (``*/nr-gnb``) could be met anywhere: refused."""
+    for pattern in patterns:
+        if not isinstance(pattern, str) or not pattern.startswith("/") or "\0" in pattern:
+            raise UsageError(f"{what} pattern {pattern!r} is not an absolute path",
+                             "give the executable's full path, e.g. /opt/UERANSIM/build/nr-gnb ('*' matches "
+                             "within one directory level)")
+    return tuple(patterns)
+
+
+def _exe_patterns(value: Any, what: str, text: bool) -> tuple[str, ...]:
+    return check_exe_patterns(_str_list(value, what, text), what)
+
+
+def _uid_list(value: Any, what: str, text: bool) -> tuple[int, ...]:
+    """User ids: integers 0..4294967294 (a list, or comma separated text)."""
+    items = re.split(r"[,\s]+", value.strip()) if text and isinstance(value, str) else value
+    if isinstance(items, int) and not isinstance(items, bool):
+        items = [items]
+    if not isinstance(items, (list, tuple)):
+        raise UsageError(f"{what} = {value!r} is not a list of user ids", f"write {what} = [0, 1000]")
+    uids = []
+    for item in items:
+        if isinstance(item, str) and text and item.isdigit():
+            item = int(item)
+        if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 2**32 - 1:
+            raise UsageError(f"{what}: {item!r} is not a user id", "give numeric uids from 0 to 4294967294")
+        uids.append(item)
+    return tuple(uids)
+
+
+# name -> (toml section, toml key, converter); flags use the name, the environment GTP5G_OP_<NAME>.
+# Issues adding settings add a row here and a field to Settings; load_settings needs no change.
+Converter = Callable[[Any, str, bool], Any]
+KEYS: dict[str, tuple[str, str, Converter]] = {
+    "api_url": ("api", "url", _url),
+    "public_key": ("api", "public_key", _path),
+    "ca_bundle": ("api", "ca_bundle", _path),
+    "insecure": ("api", "insecure", _bool),
+    "timeout": ("api", "timeout", _seconds(0.0, 3600.0)),
+    "match": ("targets", "match", _regex),
+    "exe_allow": ("targets", "exe_allow", _exe_patterns),
+    "allow_user_writable_exe": ("targets", "allow_user_writable_exe", _bool),
+    "uid_allow": ("targets", "uid_allow", _uid_list),
+    "threads": ("targets", "threads", _bool),
+    "priority": ("policy", "priority", _bool),
+    "execution_time": ("policy", "execution_time", _duration),
+    "interval": ("push", "interval", _seconds(0.0, 86400.0)),
+    "debounce": ("push", "debounce", _seconds(0.0, 60.0, min_open=False)),
+    "replace": ("push", "replace", _bool),
+    "state_dir": ("push", "state_dir", _path),
+}
+# Keys holding arrays of tables, read by their own functions below.
+_TABLE_ARRAYS = {"policy": {"override"}, "push": {"known_selectors"}}
 
 
 @dataclass(frozen=True)
@@ -128,6 +255,8 @@ class Settings:
     timeout: float = 5.0
     match: str = DEFAULT_MATCH
     exe_allow: tuple[str, ...] = ()
+    allow_user_writable_exe: bool = False
+    uid_allow: tuple[int, ...] = ()
     threads: bool = True
     policy: Policy = field(default_factory=Policy)
     interval: float = DEFAULT_INTERVAL
@@ -149,137 +278,136 @@ class Settings:
             raise UsageError(f"cannot read public key {self.public_key}: {exc.strerror}", "check the path") from None
 
 
-# name -> (toml section, toml key); flags and env use the name.
-_FILE_KEYS = {
-    "api_url": ("api", "url"),
-    "public_key": ("api", "public_key"),
-    "ca_bundle": ("api", "ca_bundle"),
-    "insecure": ("api", "insecure"),
-    "timeout": ("api", "timeout"),
-    "match": ("targets", "match"),
-    "exe_allow": ("targets", "exe_allow"),
-    "threads": ("targets", "threads"),
-    "priority": ("policy", "priority"),
-    "execution_time": ("policy", "execution_time"),
-    "interval": ("push", "interval"),
-    "debounce": ("push", "debounce"),
-    "replace": ("push", "replace"),
-    "state_dir": ("push", "state_dir"),
-}
-_ENV_NAMES = tuple(_FILE_KEYS)
-
-
 def _read_file(path: Path) -> dict:
     try:
         with path.open("rb") as fh:
             return tomllib.load(fh)
     except FileNotFoundError:
         raise UsageError(f"config file {path} does not exist", "check --config / GTP5G_OP_CONFIG") from None
+    except IsADirectoryError:
+        raise UsageError(f"config file {path} is a directory", "give the path of a TOML file") from None
+    except OSError as exc:
+        raise UsageError(f"cannot read config file {path}: {exc.strerror}", "check its path and mode") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"config file {path} is not UTF-8 text", "save it as UTF-8 TOML") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}", "see docs/config.md") from None
 
 
-def _overrides(items: Any, path: Path | None) -> tuple[Rule, ...]:
-    if not isinstance(items, list):
-        raise UsageError(f"{path}: policy.override must be an array of tables", "write [[policy.override]]")
+def _table_array(items: Any, where: str, example: str) -> list[dict]:
+    if not isinstance(items, list) or not all(isinstance(i, dict) for i in items):
+        raise UsageError(f"{where} must be an array of tables", f"write {example}")
+    return items
+
+
+def _overrides(items: Any, where: str) -> tuple[Rule, ...]:
     rules = []
-    for item in items:
-        if not isinstance(item, dict) or "comm" not in item:
-            raise UsageError(f"{path}: each [[policy.override]] needs a comm regex", "add comm = \"^nr-gnb$\"")
+    for item in _table_array(items, where, "[[policy.override]]"):
+        if "comm" not in item:
+            raise UsageError(f"{where}: each [[policy.override]] needs a comm regex", "add comm = \"^nr-gnb$\"")
         unknown = set(item) - {"comm", "priority", "execution_time"}
         if unknown:
-            raise UsageError(f"{path}: unknown key(s) in [[policy.override]]: {', '.join(sorted(unknown))}", "see docs/config.md")
+            raise UsageError(f"{where}: unknown key(s) in [[policy.override]]: {', '.join(sorted(unknown))}", "see docs/config.md")
         rules.append(
             Rule(
-                comm=_regex(str(item["comm"]), "policy.override comm"),
-                priority=None if "priority" not in item else _bool(item["priority"], "policy.override priority"),
-                execution_time_ns=None if "execution_time" not in item else parse_duration_ns(item["execution_time"]),
+                comm=_regex(item["comm"], f"{where} comm"),
+                priority=None if "priority" not in item else _bool(item["priority"], f"{where} priority", False),
+                execution_time_ns=None if "execution_time" not in item
+                else parse_duration_ns(item["execution_time"], f"{where} execution_time"),
             )
         )
     return tuple(rules)
 
 
-def _known_selectors(items: Any, path: Path | None) -> tuple[dict, ...]:
-    if not isinstance(items, list):
-        raise UsageError(f"{path}: push.known_selectors must be an array of tables", "write [[push.known_selectors]]")
+def _known_selectors(items: Any, where: str) -> tuple[dict, ...]:
     out = []
-    for item in items:
-        sels = item.get("selectors") if isinstance(item, dict) else None
-        if not isinstance(sels, list) or not sels or not all(isinstance(s, dict) and {"key", "value"} <= set(s) for s in sels):
-            raise UsageError(f"{path}: each known selector strategy needs selectors = [{{key=..., value=...}}]", "see docs/config.md")
+    for item in _table_array(items, where, "[[push.known_selectors]]"):
+        sels = item.get("selectors")
+        if not isinstance(sels, list) or not sels or not all(
+            isinstance(s, dict) and {"key", "value"} <= set(s) and isinstance(s["key"], str) and isinstance(s["value"], str)
+            for s in sels
+        ):
+            raise UsageError(f"{where}: each known selector strategy needs selectors = [{{key=\"...\", value=\"...\"}}]",
+                             "see docs/config.md")
+        unknown = set(item) - {"priority", "execution_time", "selectors", "command_regex"}
+        if unknown:
+            raise UsageError(f"{where}: unknown key(s) in [[push.known_selectors]]: {', '.join(sorted(unknown))}",
+                             "see docs/config.md")
         entry = {
-            "priority": _bool(item.get("priority", True), "known_selectors priority"),
-            "execution_time": parse_duration_ns(item.get("execution_time", DEFAULT_EXECUTION_TIME_NS)),
-            "selectors": [{"key": str(s["key"]), "value": str(s["value"])} for s in sels],
+            "priority": _bool(item.get("priority", True), f"{where} priority", False),
+            "execution_time": parse_duration_ns(item.get("execution_time", DEFAULT_EXECUTION_TIME_NS),
+                                                f"{where} execution_time"),
+            "selectors": [{"key": s["key"], "value": s["value"]} for s in sels],
         }
         if item.get("command_regex"):
-            entry["command_regex"] = str(item["command_regex"])
+            entry["command_regex"] = _regex(item["command_regex"], f"{where} command_regex")
         out.append(entry)
     return tuple(out)
+
+
+def _file_values(doc: dict, path: Path | None) -> tuple[dict[str, tuple[Any, str]], dict[str, Any]]:
+    """(name -> (value, where)) for the plain keys of the file, and the arrays of tables by section.key."""
+    sections: dict[str, dict[str, str]] = {}
+    for name, (section, key, _) in KEYS.items():
+        sections.setdefault(section, {})[key] = name
+    unknown = set(doc) - set(sections)
+    if unknown:
+        raise UsageError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}", "see docs/config.md")
+    values: dict[str, tuple[Any, str]] = {}
+    tables: dict[str, Any] = {}
+    for section, body in doc.items():
+        if not isinstance(body, dict):
+            raise UsageError(f"{path}: {section} = {body!r} is not a table", f"write it as a [{section}] section")
+        extra = set(body) - set(sections[section]) - _TABLE_ARRAYS.get(section, set())
+        if extra:
+            raise UsageError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(extra))}", "see docs/config.md")
+        for key, value in body.items():
+            if key in sections[section]:
+                values[sections[section][key]] = (value, f"{path}: {section}.{key}")
+            else:
+                tables[f"{section}.{key}"] = (value, f"{path}: {section}.{key}")
+    return values, tables
 
 
 def load_settings(config: str | Path | None = None, env: Mapping[str, str] | None = None, **flags: Any) -> Settings:
     """Merge defaults, the TOML ``config`` file (or ``GTP5G_OP_CONFIG``), ``env`` and ``flags``.
 
-    ``flags`` use the names of ``_FILE_KEYS`` (``api_url``, ``public_key``, ``priority``,
-    ``execution_time``, ...); a flag whose value is None was not given and does not override.
+    ``flags`` use the names of :data:`KEYS` (``api_url``, ``public_key``, ``priority``,
+    ``execution_time``, ...); a flag whose value is None was not given and does not override. Every value
+    is type-checked; a wrong one is a UsageError naming where it came from.
     """
     env = os.environ if env is None else env
     config = config or env.get(ENV_PREFIX + "CONFIG") or None
     path = Path(config) if config else None
     doc = _read_file(path) if path else {}
 
-    raw: dict[str, Any] = {}
-    known_sections = {"api", "targets", "policy", "push"}
-    unknown = set(doc) - known_sections
-    if unknown:
-        raise UsageError(f"{path}: unknown section(s) {', '.join(sorted(unknown))}", "see docs/config.md")
-    section_keys: dict[str, set[str]] = {}
-    for name, (section, key) in _FILE_KEYS.items():
-        section_keys.setdefault(section, set()).add(key)
-        if key in doc.get(section, {}):
-            raw[name] = doc[section][key]
-    for section, body in doc.items():
-        extra = set(body) - section_keys[section] - {"override", "known_selectors"}
-        if extra:
-            raise UsageError(f"{path}: unknown key(s) in [{section}]: {', '.join(sorted(extra))}", "see docs/config.md")
-    for name in _ENV_NAMES:
-        value = env.get(ENV_PREFIX + name.upper())
-        if value not in (None, ""):
-            raw[name] = value
-    raw.update({k: v for k, v in flags.items() if v is not None})
-    unknown_flags = set(raw) - set(_FILE_KEYS)
+    unknown_flags = set(flags) - set(KEYS)
     if unknown_flags:
         raise TypeError(f"load_settings got unknown setting(s): {sorted(unknown_flags)}")
+    # name -> (raw value, where it came from, given as text)
+    file_values, tables = _file_values(doc, path)
+    raw: dict[str, tuple[Any, str, bool]] = {k: (v, where, False) for k, (v, where) in file_values.items()}
+    for name in KEYS:
+        value = env.get(ENV_PREFIX + name.upper())
+        if value not in (None, ""):
+            raw[name] = (value, ENV_PREFIX + name.upper(), True)
+    for name, value in flags.items():
+        if value is not None:
+            raw[name] = (value, "--" + name.replace("_", "-"), isinstance(value, str))
+    typed = {name: KEYS[name][2](value, where, text) for name, (value, where, text) in raw.items()}
 
     base = Settings()
     policy = Policy(
-        priority=_bool(raw["priority"], "priority") if "priority" in raw else base.policy.priority,
-        execution_time_ns=parse_duration_ns(raw["execution_time"]) if "execution_time" in raw else base.policy.execution_time_ns,
-        overrides=_overrides(doc["policy"]["override"], path) if "override" in doc.get("policy", {}) else (),
+        priority=typed.get("priority", base.policy.priority),
+        execution_time_ns=typed.get("execution_time", base.policy.execution_time_ns),
+        overrides=_overrides(*tables["policy.override"]) if "policy.override" in tables else (),
     )
-    exe_allow = raw.get("exe_allow", ())
-    if isinstance(exe_allow, str):
-        exe_allow = [p for p in re.split(r"[,:]", exe_allow) if p]
-    url = str(raw.get("api_url", base.api_url)).rstrip("/")
-    if not re.match(r"^https?://[^/]+", url):
-        raise UsageError(f"API URL {url!r} is not an http(s) URL", "use e.g. http://127.0.0.1:8080")
+    fields = {name: value for name, value in typed.items() if name not in ("priority", "execution_time")}
     return replace(
         base,
-        api_url=url,
-        public_key=Path(raw["public_key"]).expanduser() if raw.get("public_key") else None,
-        ca_bundle=Path(raw["ca_bundle"]).expanduser() if raw.get("ca_bundle") else None,
-        insecure=_bool(raw.get("insecure", False), "insecure"),
-        timeout=_float(raw.get("timeout", base.timeout), "timeout"),
-        match=_regex(str(raw.get("match", base.match)), "target match"),
-        exe_allow=tuple(str(p) for p in exe_allow),
-        threads=_bool(raw.get("threads", base.threads), "threads"),
+        **fields,
         policy=policy,
-        interval=_float(raw.get("interval", base.interval), "interval"),
-        debounce=_float(raw.get("debounce", base.debounce), "debounce", minimum=-1e-9),
-        replace=_bool(raw.get("replace", False), "replace"),
-        state_dir=Path(raw["state_dir"]).expanduser() if raw.get("state_dir") else None,
-        known_selectors=_known_selectors(doc["push"]["known_selectors"], path)
-        if "known_selectors" in doc.get("push", {})
+        known_selectors=_known_selectors(*tables["push.known_selectors"])
+        if "push.known_selectors" in tables
         else base.known_selectors,
     )

@@ -31,6 +31,7 @@ class ProcessRecord:
     reason_code: str = ""  # the validator's short code (dead, comm, exe, ...)
     create_time: float | None = None
     from_threads: bool = False  # added because its process is a target, not seen in the trace
+    exited: bool = False  # was valid, has exited since: kept for the report, no longer a target
 
     def as_json(self) -> dict:
         """The record as it appears in ``--json`` output."""

@@ -257,7 +257,7 @@ class Guest:
         server, url, pub = start_testserver(self.work)
         try:
             with Gtp5gLab(LabConfig(tag="w")) as lab:
-                gnb = lab.start_gnb(count=0, rate=50, timeout=90)
+                gnb = lab.start_gnb(count=0, rate=50, timeout=90, binary=True)
                 inst = f"gtp5g-op-vmw-{os.getpid()}"
                 cmd = ["gtp5g-op", "watch", "--with-tracer", "--push", "--json", "--interval", "1",
                        "--api-url", url, "--public-key", str(pub), "--instance", inst]
@@ -283,7 +283,7 @@ class Guest:
                                                              "--duration", "40", "--instance",
                                                              f"gtp5g-op-vmx-{os.getpid()}"]) as watch:
             wait_for(lambda: _tracer_attached(), 60)  # the sender's packets must find the tracer there
-            gnb = lab.start_gnb(count=100, rate=50, timeout=90)
+            gnb = lab.start_gnb(count=100, rate=50, timeout=90, binary=True)
             gnb.wait(timeout=60)
             out, err = watch.communicate(timeout=120)
         report = json.loads(out) if out.strip().startswith("{") else None

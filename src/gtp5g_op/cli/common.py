@@ -17,6 +17,25 @@ from click.core import ParameterSource
 
 _KEY = "gtp5g_op.shared"
 
+
+class Number(click.ParamType):
+    """A finite number in a range: click's FloatRange lets nan and inf through (nan compares false)."""
+
+    name = "number"
+
+    def __init__(self, minimum: float = 0.0, maximum: float = 1e9, *, min_open: bool = True):
+        self.minimum, self.maximum, self.min_open = minimum, maximum, min_open
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        from gtp5g_op.config import finite_number
+        from gtp5g_op.errors import UsageError
+
+        what = param.opts[0] if param else "value"
+        try:
+            return finite_number(value, what, self.minimum, self.maximum, min_open=self.min_open)
+        except UsageError as exc:
+            self.fail(f"{exc.message.removeprefix(what + '=')}; fix: {exc.fix}", param, ctx)
+
 OptionSpec = tuple[tuple[str, ...], dict[str, Any]]
 
 VERBOSE: OptionSpec = (("-v", "--verbose"), {"count": True, "help": "More log output (-vv for debug)."})
@@ -35,6 +54,11 @@ API: tuple[OptionSpec, ...] = (
     (("--public-key",), {"metavar": "PEM", "help": "The API server's RSA public key. [env GTP5G_OP_PUBLIC_KEY]"}),
     (("--ca-bundle",), {"metavar": "FILE", "help": "CA bundle for an https API."}),
     (("--insecure",), {"is_flag": True, "default": None, "help": "Do not verify the API's TLS certificate."}),
+)
+STATE_DIR: OptionSpec = (
+    ("--state-dir",),
+    {"metavar": "DIR", "help": "State and lock directory, owned by you and not group/other-writable. "
+     "[env GTP5G_OP_STATE_DIR; default /run/gtp5g-op as root]"},
 )
 
 

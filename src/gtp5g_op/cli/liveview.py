@@ -36,7 +36,8 @@ def summary_table(
         row = [str(p["pid"]), str(p["tgid"] or "-"), printable(p["comm"]), str(p["events"]),
                _ts(p["first_seen"]), _ts(p["last_seen"]), ", ".join(printable(h) for h in p["hooks"]) or "-"]
         if validated:
-            row.append("thread of target" if p.get("from_threads") and p["valid"] and not p["events"] else
+            row.append("exited" if p.get("exited") else
+                       "thread of target" if p.get("from_threads") and p["valid"] and not p["events"] else
                        "valid" if p["valid"] else f"rejected: {p['reason']}")
         table.add_row(*row, *(cell(p) for cell in extra.values()))
     return table
@@ -84,7 +85,8 @@ class LiveView:
             return f"{(p['events'] - n0) / (now - t0):.0f}" if now > t0 else "0"
 
         def pushed(p: dict) -> str:
-            return "yes" if status is not None and status.last_ok and p.get("valid") is not False else "-"
+            return ("yes" if status is not None and status.last_ok and p.get("valid") is not False
+                    and not p.get("exited") else "-")
 
         table = summary_table(report, "gtp5g-op watch: targets (Ctrl-C to stop)", {"events/s": rate, "pushed": pushed})
         if instance is not None:

@@ -9,19 +9,21 @@ import click
 from rich.console import Console
 from rich.table import Table
 
-from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
+from gtp5g_op.gthulhu.ownership import OwnershipStore
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
     setup_logs(ctx)
-    return load_settings(shared_values(ctx).get("config"), **api_flags(ctx), **flags)
+    given = shared_values(ctx)
+    return load_settings(given.get("config"), **api_flags(ctx), state_dir=given.get("state_dir"), **flags)
 
 
-def _store(settings: Settings) -> sync.OwnershipStore:
-    return sync.OwnershipStore(settings.api_url, settings.state_dir)
+def _store(settings: Settings) -> OwnershipStore:
+    return OwnershipStore(settings.api_url, settings.state_dir)
 
 
 def _emit_json(doc: Any) -> None:
@@ -29,7 +31,7 @@ def _emit_json(doc: Any) -> None:
 
 
 @click.group()
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 def strategies() -> None:
     """Show and change the scheduling strategies held by the Gthulhu API.
 
@@ -47,7 +49,7 @@ def strategies() -> None:
 
 
 @strategies.command("list")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the server's list as JSON.")
 @click.pass_context
 @cli_errors
@@ -89,7 +91,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
 
 
 @strategies.command("push")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, required=True, help="Thread id to favour (repeatable).")
 @click.option("--priority/--no-priority", default=None, help="Run before others [config policy.priority; default true].")
 @click.option("--execution-time", help="Time slice: 20ms, 1.5s, 500us or ns [config policy.execution_time; default 20ms].")
@@ -130,7 +132,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], priority: bool | None, e
 
 
 @strategies.command("delete")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--pid", "pids", type=click.IntRange(min=1), multiple=True, required=True, help="PID whose strategy to remove (repeatable).")
 @click.option("--json", "as_json", is_flag=True, help="Print the removed PIDs as JSON.")
 @click.pass_context
@@ -152,7 +154,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], as_json: bool) -> None
 
 
 @strategies.command("prune")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--json", "as_json", is_flag=True, help="Print the removed PIDs as JSON.")
 @click.pass_context
 @cli_errors

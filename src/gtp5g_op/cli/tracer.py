@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from gtp5g_op.cli.common import Number
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_gtp5g_selftest, run_selftest
@@ -64,7 +65,7 @@ def tracer() -> None:
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
-@click.option("--duration", type=click.FloatRange(min=0),
+@click.option("--duration", type=Number(0, 1e9, min_open=False),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
 @cli_errors
@@ -103,7 +104,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
               help="Test the real tracer on the loaded gtp5g: throwaway device, session and GTP-U traffic.")
 @click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (gtp5g.bpf.o with --gtp5g) [default: build].")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
-@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True,
+@click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
               help="Seconds to wait for the probe's lines (with --gtp5g: for the last hook's line).")
 @click.option("--packets", type=click.IntRange(1, 100000), default=20, show_default=True,
               help="With --gtp5g: rounds of uplink G-PDU + echo request + downlink IP to send.")

@@ -7,15 +7,9 @@ import sys
 
 import click
 
-from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
-
-
-def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -> float | None:
-    if value is not None and value <= 0:
-        raise click.BadParameter("must be greater than 0")
-    return value
 
 
 @click.command()
@@ -32,17 +26,23 @@ def _positive(ctx: click.Context, param: click.Parameter, value: float | None) -
 @click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
 @click.option("--no-validate", is_flag=True, help="Trust the trace: skip the live-process checks (for captures).")
-@click.option("--exe-allow", metavar="GLOB", multiple=True, help="Accept only processes whose executable matches (repeatable).")
+@click.option("--exe-allow", metavar="PATH", multiple=True,
+              help="Accept only these executables: absolute paths, '*' within one level (repeatable). "
+              "[default: any root-owned executable named like a target]")
+@click.option("--allow-user-writable-exe", is_flag=True, default=None,
+              help="Also accept executables that a non-root user owns or could replace (unsafe).")
+@click.option("--uid-allow", metavar="UID", type=click.IntRange(0, 2**32 - 2), multiple=True,
+              help="Accept only processes whose real uid is one of these (repeatable). [default: any]")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
-@click.option("--speed", type=float, callback=_positive, help="Replay at this many times the recorded pace.")
-@click.option("--duration", type=float, callback=_positive, metavar="SECONDS", help="Stop after this long.")
+@click.option("--speed", type=Number(0, 1e6), help="Replay at this many times the recorded pace.")
+@click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=float, callback=_positive, metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=Number(0, 86400), metavar="SECONDS", help="Re-send the set this often. [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
-@shared_options(*GLOBAL, *API)
+@shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
@@ -61,7 +61,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
-      gtp5g-op watch --push --exe-allow '*/nr-gnb' --exe-allow '*/nr-ue' --log-format json
+      gtp5g-op watch --push --exe-allow /opt/UERANSIM/build/nr-gnb --exe-allow /opt/UERANSIM/build/nr-ue
     """
     setup_logs(ctx)
     from gtp5g_op.config import load_settings
@@ -71,11 +71,14 @@ def watch(ctx: click.Context, **kw) -> None:
         **api_flags(ctx),
         match=kw["match"],
         exe_allow=kw["exe_allow"] or None,
+        allow_user_writable_exe=kw["allow_user_writable_exe"],
+        uid_allow=kw["uid_allow"] or None,
         threads=kw["threads"],
         priority=kw["priority"],
         execution_time=kw["execution_time"],
         interval=kw["interval"],
         replace=kw["replace"],
+        state_dir=shared_values(ctx).get("state_dir"),
     )
     pusher_factory = None
     if kw["push"]:
@@ -92,10 +95,13 @@ def watch(ctx: click.Context, **kw) -> None:
         replay=kw["replay"],
         trace_pipe=kw["trace_pipe"],
         instance=kw["instance"],
+        state_dir=settings.state_dir,
         buffer_kb=kw["buffer_kb"],
         match=settings.match,
         validate=not kw["no_validate"],
         exe_allow=settings.exe_allow,
+        allow_user_writable_exe=settings.allow_user_writable_exe,
+        uid_allow=settings.uid_allow,
         threads=settings.threads,
         speed=kw["speed"],
         duration=kw["duration"],

@@ -12,19 +12,14 @@ selector strategy (without ``pid``), never as PID entries.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
 import json
 import logging
-import os
 import random
-import re
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -32,11 +27,12 @@ import psutil
 from gtp5g_op.config import DEFAULT_KNOWN_SELECTORS, Policy, Settings, format_duration_ns
 from gtp5g_op.errors import OpError
 from gtp5g_op.gthulhu.legacy import GthulhuClient
+from gtp5g_op.gthulhu.ownership import WATCH, OwnershipStore
 from gtp5g_op.model import Target
+from gtp5g_op.ops.statedir import StateDirError
 
 log = logging.getLogger(__name__)
 
-WATCH, MANUAL = "watch", "manual"  # who put a PID there: a running watch, or `strategies push`
 
 
 def strategy_for(pid: int, priority: bool, execution_time_ns: int) -> dict:
@@ -50,71 +46,6 @@ def target_strategies(targets: Iterable[Target], policy: Policy) -> list[dict]:
     for target in targets:
         by_pid.setdefault(target.pid, target)
     return [strategy_for(pid, *policy.resolve(by_pid[pid].comm)) for pid in sorted(by_pid)]
-
-
-# --- ownership ------------------------------------------------------------------------------------
-
-
-def default_state_dir() -> Path:
-    """``/run/gtp5g-op`` for root, ``$XDG_RUNTIME_DIR/gtp5g-op`` otherwise, else ``~/.local/state/gtp5g-op``."""
-    if os.geteuid() == 0:
-        return Path("/run/gtp5g-op")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    return Path(runtime) / "gtp5g-op" if runtime else Path.home() / ".local/state/gtp5g-op"
-
-
-class OwnershipStore:
-    """PIDs this tool put on one API server: ``{"pid": "watch"|"manual"}`` in a JSON file.
-
-    Read-modify-write under an flock on a side ``.lock`` file; written atomically (temp + rename).
-    The file holds the API URL and PIDs only.
-    """
-
-    def __init__(self, api_url: str, state_dir: Path | None = None):
-        self.api_url = api_url.rstrip("/")
-        name = re.sub(r"[^A-Za-z0-9.]+", "_", re.sub(r"^https?://", "", self.api_url)).strip("_")
-        self.path = (state_dir or default_state_dir()) / f"owned-{name}.json"
-
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        with open(self.path.with_suffix(".lock"), "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            yield
-
-    def _read(self) -> dict[int, str]:
-        try:
-            doc = json.loads(self.path.read_text())
-            return {int(pid): str(kind) for pid, kind in doc.get("pids", {}).items()}
-        except FileNotFoundError:
-            return {}
-        except (ValueError, AttributeError, TypeError):
-            log.warning("ignoring unreadable ownership file %s", self.path)
-            return {}
-
-    def load(self) -> dict[int, str]:
-        """PID → who pushed it."""
-        with self._locked():
-            return self._read()
-
-    def owned(self, kind: str | None = None) -> set[int]:
-        """PIDs of ``kind`` (all kinds when None)."""
-        return {pid for pid, k in self.load().items() if kind is None or k == kind}
-
-    def change(self, set_watch: Iterable[int] | None = None, add_manual: Iterable[int] = (), remove: Iterable[int] = ()) -> None:
-        """Replace the watch-owned PIDs (if given), add manual PIDs, remove PIDs; one locked update."""
-        with self._locked():
-            pids = self._read()
-            if set_watch is not None:
-                pids = {p: k for p, k in pids.items() if k != WATCH}
-                pids.update({p: WATCH for p in set_watch})
-            pids.update({p: MANUAL for p in add_manual if pids.get(p) != WATCH})
-            for pid in remove:
-                pids.pop(pid, None)
-            doc = {"api_url": self.api_url, "updated": time.time(), "pids": {str(p): k for p, k in sorted(pids.items())}}
-            tmp = self.path.with_suffix(f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps(doc, indent=1) + "\n")
-            os.replace(tmp, self.path)
 
 
 # --- merge ----------------------------------------------------------------------------------------
@@ -332,7 +263,7 @@ class StrategyPusher:
         self._regex_warned: set[str] = set()
         try:
             self._owned = self.store.owned(WATCH)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
     # --- caller side -----------------------------------------------------------------------------
@@ -482,15 +413,14 @@ class StrategyPusher:
     def _save_owned(self) -> None:
         try:
             self.store.change(set_watch=self._owned)
-        except OSError as exc:
+        except StateDirError as exc:
             self._store_problem(exc)
 
-    def _store_problem(self, exc: OSError) -> None:
+    def _store_problem(self, exc: StateDirError) -> None:
         if not self._store_warned:
             self._store_warned = True
-            log.warning(
-                "cannot use the ownership file %s (%s): owned PIDs are kept in memory only", self.store.path, exc.strerror or exc
-            )
+            log.warning("cannot use the ownership file %s (%s): owned PIDs are kept in memory only",
+                        self.store.path, exc.one_line())
 
     def _warn_regex_lost(self, names: list[str]) -> None:
         for name in names:

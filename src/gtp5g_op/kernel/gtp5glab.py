@@ -196,14 +196,24 @@ class Gtp5gLab:
         return True
 
     def start_gnb(self, count: int = 20, rate: float = 50.0, name: str = "nr-gnb",
-                  timeout: float = 30.0) -> GnbProcess:
-        """Run the gNB sender in the namespace; returns once it is ready (its pid known)."""
+                  timeout: float = 30.0, binary: bool = False) -> GnbProcess:
+        """Run the gNB sender in the namespace; returns once it is ready (its pid known).
+
+        ``binary``: run it from an executable named ``name`` (:func:`~gtp5g_op.kernel.workload.target_binary`)
+        so that ``watch``'s executable rules accept it as a gNB, not just the interpreter renamed.
+        """
+        from gtp5g_op.kernel.workload import target_binary
+
         cfg = self.config
-        cmd = [sys.executable, "-m", "gtp5g_op.kernel.gnb", "--json", "--netns", cfg.netns, "--name", name,
+        exe = (target_binary(name) if binary else None) or sys.executable
+        env = None
+        if exe != sys.executable:  # the copy is no venv: hand it this interpreter's import path
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+        cmd = [exe, "-m", "gtp5g_op.kernel.gnb", "--json", "--netns", cfg.netns, "--name", name,
                "--upf", cfg.upf, "--gnb", cfg.gnb, "--ue", cfg.ue, "--dn", cfg.dn,
                "--ul-teid", hex(cfg.ul_teid), "--dl-teid", hex(cfg.dl_teid), "--count", str(count),
                "--rate", str(rate)]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:

@@ -5,16 +5,22 @@ name) with real, named threads to see, and gives the validator real processes to
 
     python -m gtp5g_op.kernel.workload --name nr-gnb --threads 3 --rate 100 --duration 5
 
-Tests use :func:`start`, which runs it as a child process and returns once every thread is named.
+Tests use :func:`start`, which runs it as a child process and returns once every thread is named. As
+root, :func:`start` runs it from a root-owned copy of the interpreter named like the process (a stand-in
+for an installed UERANSIM binary, which the validator's executable rules accept); ``binary=False`` runs
+the interpreter itself, renamed, which is what a spoofing user would do.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -23,6 +29,7 @@ from typing import Self
 
 import click
 
+from gtp5g_op.cli.common import Number
 from gtp5g_op.errors import UsageError, cli_errors
 
 # Syscalls the loop can make; each os function below is one system call per call (glibc caches none).
@@ -72,7 +79,7 @@ def run(name: str, threads: int = 3, rate: float = 100.0, duration: float | None
     check_name(thread_name)
     if syscall not in SYSCALLS:
         raise UsageError(f"unknown syscall {syscall!r}", f"use one of {', '.join(sorted(SYSCALLS))}")
-    if rate <= 0 or threads < 0:
+    if not 0 < rate < float("inf") or threads < 0:
         raise UsageError("--rate must be positive and --threads not negative", "e.g. --threads 3 --rate 100")
     stop = stop or threading.Event()
     call = SYSCALLS[syscall]
@@ -109,12 +116,37 @@ def run(name: str, threads: int = 3, rate: float = 100.0, duration: float | None
     return counts
 
 
+_binaries: dict[str, str] = {}
+
+
+def target_binary(name: str) -> str | None:
+    """A root-owned copy (hard link if possible) of this interpreter named ``name``, in a root-owned 0755
+    directory made once per process and removed at exit; None unless root (or for a name with '/')."""
+    if os.geteuid() != 0 or "/" in name:
+        return None
+    if name not in _binaries:
+        if not _binaries:
+            home = tempfile.mkdtemp(prefix="gtp5g-op-bin-")
+            os.chmod(home, 0o755)
+            atexit.register(shutil.rmtree, home, True)
+            _binaries[""] = home
+        path = os.path.join(_binaries[""], name)
+        real = os.path.realpath(sys.executable)
+        try:
+            os.link(real, path)
+        except OSError:
+            shutil.copy2(real, path)
+        _binaries[name] = path
+    return _binaries[name]
+
+
 @dataclass
 class Workload:
     """A workload running as a child process (see :func:`start`); stop it with ``stop()`` or ``with``."""
 
     proc: subprocess.Popen
     ready: Ready
+    exe: str  # what it runs: a copy named like it, or the interpreter itself
     calls: dict[int, int] = field(default_factory=dict)
 
     @property
@@ -144,13 +176,22 @@ class Workload:
 
 
 def start(name: str = "nr-gnb", threads: int = 3, rate: float = 100.0, duration: float = 0,
-          syscall: str = "getppid", thread_name: str | None = None, timeout: float = 10.0) -> Workload:
-    """Run the workload in a child python; return once its threads are named (``duration`` 0: until stopped)."""
-    cmd = [sys.executable, "-m", "gtp5g_op.kernel.workload", "--json", "--name", name, "--threads", str(threads),
+          syscall: str = "getppid", thread_name: str | None = None, timeout: float = 10.0,
+          binary: bool = True) -> Workload:
+    """Run the workload in a child python; return once its threads are named (``duration`` 0: until stopped).
+
+    ``binary``: as root, run it from :func:`target_binary` (an executable named ``name``); otherwise, or
+    when false, run this interpreter renamed.
+    """
+    exe = (target_binary(name) if binary else None) or sys.executable
+    cmd = [exe, "-m", "gtp5g_op.kernel.workload", "--json", "--name", name, "--threads", str(threads),
            "--rate", str(rate), "--duration", str(duration), "--syscall", syscall]
     if thread_name:
         cmd += ["--thread-name", thread_name]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    env = None
+    if exe != sys.executable:  # the copy is no venv: hand it this interpreter's import path
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     timer = threading.Timer(timeout, proc.kill)  # readline below must not hang on a child that never starts
     timer.start()
     try:
@@ -163,7 +204,7 @@ def start(name: str = "nr-gnb", threads: int = 3, rate: float = 100.0, duration:
         raise RuntimeError(f"workload did not start (exit {proc.returncode}): {err}")
     doc = json.loads(line)
     del doc["event"]
-    return Workload(proc, Ready(**doc))
+    return Workload(proc, Ready(**doc), os.path.realpath(exe))
 
 
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
@@ -171,8 +212,8 @@ def start(name: str = "nr-gnb", threads: int = 3, rate: float = 100.0, duration:
 @click.option("--threads", default=3, show_default=True, type=click.IntRange(min=0),
               help="Worker threads besides the main thread.")
 @click.option("--thread-name", default=None, help="Name of the worker threads [default: --name].")
-@click.option("--rate", default=100.0, show_default=True, type=float, help="Calls per second per thread.")
-@click.option("--duration", default=5.0, show_default=True, type=float,
+@click.option("--rate", default=100.0, show_default=True, type=Number(0, 1e6), help="Calls per second per thread.")
+@click.option("--duration", default=5.0, show_default=True, type=Number(0, 1e9, min_open=False),
               help="Seconds to run; 0 runs until SIGINT/SIGTERM.")
 @click.option("--syscall", default="getppid", show_default=True, type=click.Choice(sorted(SYSCALLS)),
               help="Syscall each thread makes (pick the one the probe's tracepoint watches).")

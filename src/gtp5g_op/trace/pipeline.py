@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
+from collections import OrderedDict
 from typing import Any, Protocol
 
 from gtp5g_op.model import ProcessRecord, Target
@@ -13,6 +15,11 @@ log = logging.getLogger(__name__)
 
 # Rejections about a process that no longer exists (or never will be one): not kept as records.
 FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
+# Bounds under pid churn: records of processes that exited after being valid (kept for the report) and
+# of live rejected subjects; the oldest go first. Re-checks of live records per refresh.
+MAX_EXITED = 1024
+MAX_REJECTED = 4096
+RECHECKS_PER_REFRESH = 256
 
 
 class Validator(Protocol):
@@ -53,6 +60,10 @@ class Pipeline:
         self.threads = threads and validator is not None
         self.records: dict[tuple[int, str], ProcessRecord] = {}
         self.rejected: dict[str, int] = {}
+        self._exited: OrderedDict[tuple[int, str], None] = OrderedDict()  # keys of exited records, oldest first
+        self._rejected_keys: OrderedDict[tuple[int, str], None] = OrderedDict()  # live rejected records
+        self.exited_forgotten = 0  # exited records dropped to stay within MAX_EXITED
+        self._recheck = itertools.count()
         self._sent: frozenset[Target] | None = None
         self._reported = Stats()
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
@@ -73,12 +84,15 @@ class Pipeline:
         for upd in updates:
             key = (upd.pid, upd.comm)
             rec = self.records.get(key)
+            if rec is not None and (rec.exited or (rec.valid is False and self._replaced(rec))):
+                self._drop(key)  # that process is gone: this line is about whoever has the pid now
+                rec = None
             if rec is None:
                 rec = ProcessRecord(upd.pid, upd.tgid, upd.comm, first_seen=upd.first_ts, last_seen=upd.last_ts)
                 changed |= self._validate(rec, upd.first_ts)
                 if rec.valid is False and rec.reason_code in FORGET_AT_ONCE:
                     continue  # nothing left to track: memory stays flat under pid churn
-                self.records[key] = rec
+                self._keep(key, rec)
             elif rec.events == 0:  # a thread added before the trace named it
                 rec.first_seen, rec.last_seen = upd.first_ts, upd.last_ts
             rec.events += upd.count
@@ -91,19 +105,40 @@ class Pipeline:
             self.publish()
         self._report_metrics()
 
-    def _validate(self, rec: ProcessRecord, seen_at: float) -> bool:
-        """Check a new record; True when it adds targets."""
+    def _replaced(self, rec: ProcessRecord) -> bool:
+        """True when the process a record is about is no longer the one with its pid."""
+        return not self.validator.still_alive(rec.pid, rec.create_time)  # type: ignore[union-attr]
+
+    def _keep(self, key: tuple[int, str], rec: ProcessRecord) -> None:
+        self.records[key] = rec
+        if rec.valid is False:
+            self._rejected_keys[key] = None
+            while len(self._rejected_keys) > MAX_REJECTED:  # a flood of live spoofers: forget the oldest
+                self._drop(next(iter(self._rejected_keys)))
+
+    def _drop(self, key: tuple[int, str]) -> None:
+        self.records.pop(key, None)
+        self._rejected_keys.pop(key, None)
+        self._exited.pop(key, None)
+
+    def _reject(self, rec: ProcessRecord, verdict: Any) -> None:
+        rec.valid, rec.reason, rec.reason_code = False, verdict.reason, verdict.code
+        rec.create_time = verdict.create_time
+        self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
+        if self.metrics is not None:
+            self.metrics.observe_rejected([verdict.code])
+        log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
+
+    def _validate(self, rec: ProcessRecord, seen_at: float | None) -> bool:
+        """Check a new (or re-checked) record; True when it adds targets."""
         if self.validator is None:
             rec.valid = None
             return True
         verdict = self.validator.check(rec.pid, rec.comm, rec.tgid, seen_at=seen_at if self.boot_clock else None)
-        rec.valid, rec.reason, rec.reason_code = bool(verdict.ok), verdict.reason, verdict.code
         if not verdict.ok:
-            self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
-            if self.metrics is not None:
-                self.metrics.observe_rejected([verdict.code])
-            log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
+            self._reject(rec, verdict)
             return False
+        rec.valid, rec.reason, rec.reason_code = True, verdict.reason, verdict.code
         rec.tgid = verdict.tgid or rec.tgid
         rec.create_time = verdict.create_time
         if self.threads and rec.tgid:
@@ -113,30 +148,77 @@ class Pipeline:
     def _add_threads(self, tgid: int) -> None:
         for t in self.validator.threads(tgid):  # type: ignore[union-attr]
             key = (t.pid, t.comm)
-            if key not in self.records:
+            rec = self.records.get(key)
+            if rec is None or rec.exited or (rec.valid is False and self._replaced(rec)):
                 verdict = self.validator.check(t.pid, t.comm, tgid)  # type: ignore[union-attr]
                 if verdict.ok:
+                    self._drop(key)
                     self.records[key] = ProcessRecord(
                         t.pid, tgid, t.comm, valid=True, create_time=verdict.create_time, from_threads=True
                     )
 
     # --- periodic ----------------------------------------------------------------------------
     def refresh(self) -> None:
-        """Forget processes that exited, pick up new threads of targets, and publish the set."""
+        """Note exits, re-check live records (a bounded number per call), pick up threads, publish the set.
+
+        A record whose process exited is kept, marked ``exited``, if it was valid (so a short-lived sender
+        stays in the report), and forgotten otherwise. Live records, rejected ones included, are checked
+        again round-robin, at most RECHECKS_PER_REFRESH per call: a rejection can lift (the comm settled,
+        the pid now belongs to an allowed process) and an accepted process can stop qualifying (it ran
+        another program).
+        """
         if self.validator is not None:
+            live = []
             for key, rec in list(self.records.items()):
+                if rec.exited:
+                    continue
                 if not self.validator.still_alive(rec.pid, rec.create_time):
-                    del self.records[key]
+                    if rec.valid:
+                        self._mark_exited(key, rec)
+                    else:
+                        self._drop(key)
+                    continue
+                live.append((key, rec))
+            if len(live) > RECHECKS_PER_REFRESH:
+                start = next(self._recheck) * RECHECKS_PER_REFRESH % len(live)
+                live = (live + live)[start:start + RECHECKS_PER_REFRESH]
+            for key, rec in live:
+                self._recheck_record(key, rec)
             if self.threads:
-                for tgid in {r.tgid for r in self.records.values() if r.valid and r.tgid}:
+                for tgid in {r.tgid for r in self.records.values() if r.valid and not r.exited and r.tgid}:
                     self._add_threads(tgid)
         self.publish()
         self._report_metrics()
 
+    def _recheck_record(self, key: tuple[int, str], rec: ProcessRecord) -> None:
+        was_valid = rec.valid
+        verdict = self.validator.check(rec.pid, rec.comm, rec.tgid)  # type: ignore[union-attr]
+        if verdict.ok == bool(was_valid):
+            return
+        if verdict.ok:
+            log.info("pid %d (%s) is now valid", rec.pid, rec.comm)
+            self._rejected_keys.pop(key, None)
+            rec.valid, rec.reason, rec.reason_code = True, verdict.reason, verdict.code
+            rec.tgid, rec.create_time = verdict.tgid or rec.tgid, verdict.create_time
+            if self.threads and rec.tgid:
+                self._add_threads(rec.tgid)
+        elif verdict.code in FORGET_AT_ONCE:
+            self._mark_exited(key, rec)
+        else:
+            self._reject(rec, verdict)
+            self._keep(key, rec)
+
+    def _mark_exited(self, key: tuple[int, str], rec: ProcessRecord) -> None:
+        rec.exited = True
+        self._exited[key] = None
+        while len(self._exited) > MAX_EXITED:
+            self._drop(next(iter(self._exited)))
+            self.exited_forgotten += 1
+
     def targets(self) -> frozenset[Target]:
-        """Threads to favour: every valid (or, unvalidated, every seen) target subject."""
+        """Threads to favour: every valid (or, unvalidated, every seen) target subject still running."""
         return frozenset(
-            Target(r.pid, r.tgid, r.comm) for r in self.records.values() if r.valid is not False
+            Target(r.pid, r.tgid, r.comm) for r in self.records.values() if r.valid is not False and not r.exited
         )
 
     def publish(self) -> None:
@@ -158,7 +240,7 @@ class Pipeline:
             st.lost_events - old.lost_events,
         )
         self._reported = Stats(st.lines, st.events, st.matched, st.malformed, st.lost_events)
-        valid = [r for r in self.records.values() if r.valid is not False]
+        valid = [r for r in self.records.values() if r.valid is not False and not r.exited]
         self.metrics.set_tracked(len({r.tgid or r.pid for r in valid}), len(valid))
 
     # --- output ------------------------------------------------------------------------------
@@ -173,6 +255,8 @@ class Pipeline:
             doc["stats"]["overruns"] = self.overruns
         if self.rejected:
             doc["rejected"] = dict(sorted(self.rejected.items()))
+        if self.exited_forgotten:
+            doc["exited_forgotten"] = self.exited_forgotten
         if self.tracer is not None:
             doc["tracer"] = self.tracer
         return doc
@@ -180,4 +264,4 @@ class Pipeline:
     def _validity(self, rec: ProcessRecord) -> dict:
         if self.validator is None:
             return {}
-        return {"valid": rec.valid, "reason": rec.reason, "from_threads": rec.from_threads}
+        return {"valid": rec.valid, "reason": rec.reason, "from_threads": rec.from_threads, "exited": rec.exited}

@@ -3,8 +3,9 @@
 A private instance (``instances/<name>``) gets its own copy of every ``bpf_printk`` line once
 ``events/bpf_trace/bpf_trace_printk/enable`` is set in it, so we never steal lines from other readers of
 the global ``trace_pipe`` and they never steal ours. Ownership of an instance is an ``flock`` on
-``/run/gtp5g-op/<name>.lock``: the kernel drops it when the owner dies (even by SIGKILL), so an instance
-whose lock is free is stale and can be removed safely.
+``lock/instance-<name>`` in the state directory (``gtp5g_op.ops.statedir``, ``/run/gtp5g-op`` for root):
+the kernel drops it when the owner dies (even by SIGKILL), so an instance whose lock is free is stale
+and can be removed safely.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import atexit
 import ctypes
 import ctypes.util
 import errno
-import fcntl
 import glob
 import logging
 import os
@@ -27,18 +27,21 @@ from pathlib import Path
 from typing import Self
 
 from gtp5g_op.errors import EnvironmentProblem, UsageError
+from gtp5g_op.ops.statedir import Lock, StateDir
 
 log = logging.getLogger(__name__)
 
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
-LOCK_DIR = Path("/run/gtp5g-op")
 DEFAULT_INSTANCE = "gtp5g-op"
 PRINTK_EVENT = Path("events/bpf_trace/bpf_trace_printk/enable")
 ROOT_FIX = "run as root or grant CAP_SYS_ADMIN (tracefs is root-only by default)"
 MOUNT_FIX = "mount it: mount -t tracefs nodev /sys/kernel/tracing"
 POLL_SECONDS = 0.2  # how long one wait lasts, so a stop request is honoured within about this
 _GONE = (errno.ENOENT, errno.ENODEV, errno.EBADF, errno.EIO, errno.ENXIO)
-_NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
+# Instance names: a letter or digit, then letters, digits, '_', '.', '+', '-'; matched to the very end
+# (\Z: "$" would accept a trailing newline).
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}\Z")
+LOCK_KIND = "instance"  # instance locks are lock/instance-<name> in the state directory
 # Counters in per_cpu/cpuN/stats that are lines the ring buffer lost.
 _LOSS_FIELDS = ("overrun", "commit overrun", "dropped events")
 
@@ -116,55 +119,15 @@ def trace_clock(root: Path) -> str:
 
 
 def _check_name(name: str) -> None:
-    if not _NAME_RE.match(name) or name in (".", ".."):
+    if not isinstance(name, str) or not _NAME_RE.match(name):
         raise UsageError(f"bad tracefs instance name {name!r}",
-                         "use 1-64 characters from letters, digits, '_', '.', '+' and '-'")
+                         "use 1-64 characters from letters, digits, '_', '.', '+' and '-', starting with a "
+                         "letter or digit")
 
 
-class _Lock:
-    """An exclusive, non-blocking flock on ``<dir>/<name>.lock`` holding the owner's pid."""
-
-    def __init__(self, lock_dir: Path, name: str):
-        self.path = lock_dir / f"{name}.lock"
-        self.fd: int | None = None
-
-    def acquire(self) -> bool:
-        """Take the lock; False if another live process holds it."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                os.close(fd)
-                return False
-            try:  # the previous owner may have unlinked the file between our open and flock: retry then
-                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
-            except FileNotFoundError:
-                same = False
-            if same:
-                os.ftruncate(fd, 0)
-                os.write(fd, f"{os.getpid()}\n".encode())
-                self.fd = fd
-                return True
-            os.close(fd)
-
-    def owner(self) -> int | None:
-        """The pid recorded by the holder, if readable."""
-        try:
-            return int(self.path.read_text().split()[0])
-        except (OSError, ValueError, IndexError):
-            return None
-
-    def release(self) -> None:
-        if self.fd is None:
-            return
-        try:
-            self.path.unlink()
-        except FileNotFoundError:
-            pass
-        os.close(self.fd)  # closing drops the flock
-        self.fd = None
+def _lock(state_dir: Path | StateDir | None, name: str) -> Lock:
+    sd = state_dir if isinstance(state_dir, StateDir) else StateDir(state_dir)
+    return sd.lock(LOCK_KIND, name)
 
 
 def _rmdir_instance(path: Path, wait: float = 1.0) -> None:
@@ -191,7 +154,7 @@ class TraceInstance:
 
     def __init__(self, name: str = DEFAULT_INSTANCE, buffer_kb: int | None = None, *,
                  record_tgid: bool = False, clock: str | None = "boot",
-                 tracefs: Path | None = None, lock_dir: Path = LOCK_DIR):
+                 tracefs: Path | None = None, state_dir: Path | StateDir | None = None):
         _check_name(name)
         if buffer_kb is not None and buffer_kb <= 0:
             raise UsageError(f"--buffer-kb must be positive, not {buffer_kb}", "pass e.g. --buffer-kb 8192")
@@ -200,7 +163,7 @@ class TraceInstance:
         self.record_tgid = record_tgid
         self.clock = clock
         self._root = tracefs
-        self._lock = _Lock(lock_dir, name)
+        self._lock = _lock(state_dir, name)
         self.path: Path | None = None
         self._mutex = threading.Lock()
 
@@ -215,11 +178,7 @@ class TraceInstance:
         """Create the instance (removing a stale one first) and enable bpf_trace_printk in it."""
         root = self._root or find_tracefs()
         path = root / "instances" / self.name
-        try:
-            acquired = self._lock.acquire()
-        except PermissionError:
-            raise EnvironmentProblem(f"cannot create the lock {self._lock.path}", ROOT_FIX)
-        if not acquired:
+        if not self._lock.acquire():
             owner = self._lock.owner()
             who = f"pid {owner}" if owner else "another process"
             raise EnvironmentProblem(f"tracefs instance {self.name!r} is in use by {who}",
@@ -318,7 +277,7 @@ def cpu_stats(path: Path) -> dict[int, dict[str, int]]:
 
 
 def cleanup_stale_instances(prefix: str = DEFAULT_INSTANCE, *, tracefs: Path | None = None,
-                            lock_dir: Path = LOCK_DIR) -> list[str]:
+                            state_dir: Path | StateDir | None = None) -> list[str]:
     """Remove instances named ``prefix*`` that no live run owns; return the names removed."""
     root = tracefs or find_tracefs()
     removed = []
@@ -326,7 +285,7 @@ def cleanup_stale_instances(prefix: str = DEFAULT_INSTANCE, *, tracefs: Path | N
     for path in sorted(instances.glob(f"{glob.escape(prefix)}*")):
         if not _NAME_RE.match(path.name):
             continue
-        lock = _Lock(lock_dir, path.name)
+        lock = _lock(state_dir, path.name)
         if not lock.acquire():
             continue  # a live run owns it
         try:

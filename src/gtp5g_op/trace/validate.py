@@ -2,26 +2,37 @@
 
 A subject counts only if the pid is alive, its current comm equals the comm the trace showed, it is not a
 kernel thread, it is the same process that was traced (it started no later than the traced event: a later
-start means the pid was reused), and, when an allow-list is given, its executable matches a glob in it.
+start means the pid was reused), and its executable is one a target may run:
 
-psutil gives the executable (``exe()``, which handles zombies and "(deleted)" paths) and the thread list.
-Flags, state and the start time since boot come from one read of ``/proc/<pid>/stat``: psutil does not
-expose the PF_KTHREAD flag, and that single read is also the fast rejection path for dead pids.
+* named like a target (its file name matches the target pattern), or, when an allow-list is given,
+  matching one of its absolute path patterns: renaming a process is not enough;
+* owned by root and not group/other-writable, in directories that are all root's and not
+  group/other-writable (sticky ones such as /tmp aside): a binary an unprivileged user could have
+  planted is not enough either (``allow_user_writable_exe`` turns this off);
+* optionally run by an allowed (real) uid.
+
+The executable is read from ``/proc/<pid>/exe`` (the inode that runs, even if renamed or deleted) and its
+directories through ``/proc/<pid>/root`` (the process's own view, so a containerised gNB is checked in its
+image), between two reads of the start time: a pid reused meanwhile is caught. Flags, state and start time
+come from one read of ``/proc/<pid>/stat``: psutil does not expose PF_KTHREAD, and that single read is
+also the fast rejection path for dead pids.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import functools
 import logging
 import os
+import re
+import stat
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import psutil
 
+from gtp5g_op.config import DEFAULT_MATCH, check_exe_patterns
 from gtp5g_op.errors import EnvironmentProblem
 from gtp5g_op.model import Target
 
@@ -102,49 +113,131 @@ def current_comm(pid: int) -> str | None:
     return st.comm if st is not None else None
 
 
-def _read_tgid(pid: int) -> int:
+def _read_ids(pid: int) -> tuple[int, int]:
+    """(tgid, real uid) of ``pid`` from /proc/<pid>/status."""
+    tgid = uid = None
     with open(f"/proc/{pid}/status", "rb") as f:
         for line in f:
             if line.startswith(b"Tgid:"):
-                return int(line.split()[1])
-    raise ProcessLookupError(pid)
+                tgid = int(line.split()[1])
+            elif line.startswith(b"Uid:"):
+                uid = int(line.split()[1])
+                break  # Uid: comes after Tgid:
+    if tgid is None or uid is None:
+        raise ProcessLookupError(pid)
+    return tgid, uid
+
+
+def exe_matches(exe: str, pattern: str) -> bool:
+    """Does the absolute path ``exe`` match the absolute ``pattern``, one path component at a time?
+
+    pathlib's match: ``/opt/*/build/nr-gnb`` matches ``/opt/UERANSIM/build/nr-gnb`` but ``/*/nr-gnb`` does
+    not match ``/tmp/x/nr-gnb`` (fnmatch's ``*`` would cross ``/``).
+    """
+    return PurePosixPath(exe).match(pattern)
+
+
+class _Identity(NamedTuple):
+    tgid: int
+    exe: str | None  # None when it cannot be read
+    exe_why: str  # why the executable is unknown
+    untrusted: str  # why a non-root user could have planted it; "" if they could not (or not checked)
+
+
+def _untrusted(pid: int, exe: str, exe_st: os.stat_result) -> str:
+    """Why the running executable or a directory above it is not root's alone; "" when it is."""
+    if exe_st.st_uid != 0:
+        return f"executable {exe} is owned by uid {exe_st.st_uid}, not root"
+    if exe_st.st_mode & 0o022:
+        return f"executable {exe} is writable by group or others (mode {stat.S_IMODE(exe_st.st_mode):04o})"
+    root = f"/proc/{pid}/root"  # the process's view of the file system (its container's, if any)
+    if exe_st.st_nlink:  # not deleted: the path must still name the running file
+        try:
+            now = os.lstat(root + exe)
+        except OSError:
+            now = None
+        if now is None or (now.st_dev, now.st_ino) != (exe_st.st_dev, exe_st.st_ino):
+            return f"{exe} no longer names the file the process runs"
+    for parent in PurePosixPath(exe).parents:
+        try:
+            st = os.lstat(root + "/" if str(parent) == "/" else root + str(parent))
+        except OSError as exc:
+            return f"directory {parent} cannot be checked ({exc.strerror})"
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{parent} is no longer a directory"
+        if st.st_uid != 0:
+            return f"directory {parent} is owned by uid {st.st_uid}, not root"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"directory {parent} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return ""
 
 
 class ProcessValidator:
-    """Checks trace subjects against live processes; caches per (pid, start time) in a bounded LRU.
+    """Checks trace subjects against live processes; caches per (pid, start time, executable) in a bounded LRU.
 
-    ``exe_allow`` holds fnmatch globs for the executable path; empty accepts any executable (UERANSIM
-    binaries live wherever users built them), so set e.g. ``*/nr-gnb`` and ``*/nr-ue`` in production:
-    without it any user can name a process ``nr-gnb`` and get it favoured.
+    The executable rules (module doc): with ``exe_allow`` empty, the executable's file name must fully
+    match ``exe_names`` (the target pattern; None: no name rule); otherwise its path must match one of the
+    absolute ``exe_allow`` patterns. Unless ``allow_user_writable_exe``, it and its directories must be
+    root's and not group/other-writable. ``uid_allow`` (empty: any) lists the real uids a target may have.
     """
 
     def __init__(self, exe_allow: Sequence[str] = (), threads: bool = True,
-                 cache_size: int = DEFAULT_CACHE_SIZE, start_tolerance: float = DEFAULT_START_TOLERANCE):
-        self.exe_allow = tuple(exe_allow)
+                 cache_size: int = DEFAULT_CACHE_SIZE, start_tolerance: float = DEFAULT_START_TOLERANCE, *,
+                 exe_names: str | None = DEFAULT_MATCH, allow_user_writable_exe: bool = False,
+                 uid_allow: Sequence[int] = ()):
+        self.exe_allow = check_exe_patterns(exe_allow)
+        self.exe_names = re.compile(exe_names) if exe_names and not self.exe_allow else None
+        self.allow_user_writable_exe = allow_user_writable_exe
+        self.uid_allow = frozenset(uid_allow)
+        self._read_exe = bool(self.exe_allow or self.exe_names or not allow_user_writable_exe)
         self.cover_threads = threads  # the pipeline adds every thread of a valid process when true
         self.start_tolerance = start_tolerance
         self._boot_time = psutil.boot_time()
-        # Keyed by (pid, start ticks), so a reused pid never hits an old entry; exceptions are not cached.
+        # Keyed by (pid, start ticks, executable inode): a reused pid or an execve never hits an old
+        # entry. Exceptions are not cached.
         self._identity = functools.lru_cache(maxsize=cache_size)(self._lookup_identity)
 
     def cache_info(self) -> functools._CacheInfo:
         """Hits, misses and current size of the identity cache."""
         return self._identity.cache_info()
 
-    def _lookup_identity(self, pid: int, start_ticks: int) -> tuple[int, str | None, str]:
-        """(tgid, exe, why the exe is unknown) for a live process; raises if it vanished."""
-        tgid = _read_tgid(pid)
-        if not self.exe_allow:
-            return tgid, None, ""
+    def _lookup_identity(self, pid: int, start_ticks: int, exe_dev: int, exe_ino: int) -> _Identity:
+        """(tgid, exe, why unknown, why untrusted) of a live task; raises if it vanished."""
+        tgid = _read_ids(pid)[0]
+        if not self._read_exe:
+            return _Identity(tgid, None, "", "")
+        if exe_ino < 0:
+            return _Identity(tgid, None, "reading it was denied", "")
         try:
-            return tgid, psutil.Process(tgid).exe() or None, "it has no executable"
-        except psutil.AccessDenied:
-            return tgid, None, "reading it was denied"
-        except psutil.ZombieProcess:
-            return tgid, None, "the process is a zombie"
+            exe = os.readlink(f"/proc/{pid}/exe")
+            exe_st = os.stat(f"/proc/{pid}/exe")
+        except PermissionError:
+            return _Identity(tgid, None, "reading it was denied", "")
+        if (exe_st.st_dev, exe_st.st_ino) != (exe_dev, exe_ino):
+            raise ProcessLookupError(pid)  # it ran execve meanwhile: the caller sees "exited", retried later
+        if not exe_st.st_nlink:
+            exe = exe.removesuffix(" (deleted)")
+        untrusted = "" if self.allow_user_writable_exe else _untrusted(pid, exe, exe_st)
+        return _Identity(tgid, exe, "", untrusted)
 
-    def _exe_allowed(self, exe: str | None) -> bool:
-        return exe is not None and any(fnmatch.fnmatchcase(exe, pattern) for pattern in self.exe_allow)
+    def _exe_allowed(self, exe: str) -> bool:
+        return any(exe_matches(exe, pattern) for pattern in self.exe_allow)
+
+    def _exe_verdict(self, exe: str | None, why: str, untrusted: str) -> tuple[str, str] | None:
+        """(code, reason) when the executable disqualifies the subject, else None."""
+        if not self._read_exe:
+            return None
+        if exe is None:
+            return "exe", f"executable unknown ({why}), so it cannot be checked"
+        if self.exe_allow and not self._exe_allowed(exe):
+            return "exe", f"executable {exe} matches no --exe-allow path"
+        if self.exe_names is not None and not self.exe_names.fullmatch(os.path.basename(exe)[:15]):
+            return "exe", (f"executable {exe} is not named like a target: a renamed program is no target "
+                           f"(pass --exe-allow {exe} if it is one)")
+        if untrusted:
+            return "untrusted", (f"{untrusted}: a non-root user could have planted it "
+                                 "(--allow-user-writable-exe accepts it)")
+        return None
 
     def check(self, pid: int, comm: str, tgid: int | None = None, seen_at: float | None = None) -> Verdict:
         """Validate one subject: ``comm`` as traced, ``seen_at`` the event's trace time (s since boot)."""
@@ -154,27 +247,42 @@ class ProcessValidator:
         if st is None or st.state in ("Z", "X"):
             return Verdict(False, "the process has exited", pid, tgid, comm, code="dead")
         started_at = st.start_ticks / CLK_TCK
+        create_time = self._boot_time + started_at  # rejections carry it too: the pipeline re-checks by it
         if st.flags & PF_KTHREAD:
-            return Verdict(False, "a kernel thread is never a target", pid, tgid, comm, code="kthread")
+            return Verdict(False, "a kernel thread is never a target", pid, tgid, comm, create_time, started_at,
+                           code="kthread")
         if st.comm != comm:
             return Verdict(False, f"its comm is now {st.comm!r}, the trace said {comm!r}", pid, tgid, comm,
-                           code="comm")
+                           create_time, started_at, code="comm")
         if seen_at is not None and started_at > seen_at + self.start_tolerance:
             return Verdict(False, f"pid reused: this process started at {started_at:.2f} s, after the traced "
                                   f"event at {seen_at:.2f} s",
-                           pid, tgid, comm, started_at=started_at, code="reused")
+                           pid, tgid, comm, create_time, started_at, code="reused")
         try:
-            real_tgid, exe, exe_why = self._identity(pid, st.start_ticks)
+            exe_dev = exe_ino = -1
+            if self._read_exe:
+                try:
+                    exe_st = os.stat(f"/proc/{pid}/exe")
+                    exe_dev, exe_ino = exe_st.st_dev, exe_st.st_ino
+                except PermissionError:
+                    pass  # the identity says "reading it was denied"
+            ident = self._identity(pid, st.start_ticks, exe_dev, exe_ino)
+            uid = _read_ids(pid)[1] if self.uid_allow else None
         except (FileNotFoundError, ProcessLookupError, psutil.NoSuchProcess):
             return Verdict(False, "the process has exited", pid, tgid, comm, code="dead")
-        create_time = self._boot_time + started_at
+        after = read_stat(pid)  # everything above must be about the process that was there before
+        if after is None or after.start_ticks != st.start_ticks or after.state in ("Z", "X"):
+            return Verdict(False, "the process has exited", pid, tgid, comm, code="dead")
+        real_tgid, exe = ident.tgid, ident.exe
         if tgid is not None and tgid != real_tgid:
             return Verdict(False, f"pid reused: it now belongs to process {real_tgid}, the trace said {tgid}",
                            pid, real_tgid, comm, create_time, started_at, exe, code="reused")
-        if self.exe_allow and not self._exe_allowed(exe):
-            reason = (f"executable {exe} matches no --exe-allow glob" if exe
-                      else f"executable unknown ({exe_why}) and --exe-allow is set")
-            return Verdict(False, reason, pid, real_tgid, comm, create_time, started_at, exe, code="exe")
+        bad_exe = self._exe_verdict(exe, ident.exe_why, ident.untrusted)
+        if bad_exe:
+            return Verdict(False, bad_exe[1], pid, real_tgid, comm, create_time, started_at, exe, code=bad_exe[0])
+        if uid is not None and uid not in self.uid_allow:
+            return Verdict(False, f"it runs as uid {uid}, which --uid-allow does not list", pid, real_tgid, comm,
+                           create_time, started_at, exe, code="uid")
         return Verdict(True, "ok", pid, real_tgid, comm, create_time, started_at, exe)
 
     def threads(self, tgid: int) -> list[Target]:

@@ -18,6 +18,7 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from gtp5g_op.config import finite_number
 from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
 from gtp5g_op.trace.parser import DEFAULT_MATCH, TraceParser
 from gtp5g_op.trace.pipeline import Pipeline
@@ -28,7 +29,11 @@ BUNDLED_SAMPLE = "lab-capture.trace.gz"
 READ_CHUNK = 1 << 20
 TICK = 0.2  # seconds between housekeeping rounds while live
 REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
-PUSH_STOP_WAIT = 5.0  # at exit, how long to wait for a push still in flight before the final one
+PUSH_STOP_WAIT = 2.0  # at exit, how long to wait for a push still in flight before the final one
+# At exit the instance and the tracer go first; then the final push gets at most this long, whatever the
+# API does (a second SIGINT/SIGTERM gives up on it at once), so a watch ends well within Kubernetes'
+# 30 s grace period.
+FINAL_PUSH_WAIT = 3.0
 
 
 @dataclass
@@ -38,10 +43,13 @@ class WatchOptions:
     replay: str | None = None  # a path, "-" for stdin, or BUNDLED_SAMPLE
     trace_pipe: str | None = None
     instance: str = "gtp5g-op"
+    state_dir: Path | None = None  # instance locks (gtp5g_op.ops.statedir); None: the default
     buffer_kb: int | None = None
     match: str = DEFAULT_MATCH
     validate: bool = True
-    exe_allow: tuple[str, ...] = ()
+    exe_allow: tuple[str, ...] = ()  # absolute executable path patterns (gtp5g_op.trace.validate)
+    allow_user_writable_exe: bool = False
+    uid_allow: tuple[int, ...] = ()
     threads: bool = True
     speed: float | None = None
     duration: float | None = None
@@ -149,19 +157,33 @@ class LiveReader:
         self.thread.start()
 
     def _run(self) -> None:
+        # The thread that iterates the generator closes it (another thread cannot while it runs): the
+        # pipe's descriptor is closed when this thread ends, not when the garbage collector gets to it.
         try:
-            for chunk in self._chunks:
-                if self._stop.is_set():
-                    break
-                self.queue.put(chunk)
-            self.queue.put(None)
+            with contextlib.closing(self._chunks):
+                for chunk in self._chunks:
+                    if not self._put(chunk):
+                        return
+            self._put(None)
         except BaseException as exc:  # handed to the main thread, which raises it
-            self.queue.put(exc)
+            self._put(exc)
+
+    def _put(self, item: bytes | BaseException | None) -> bool:
+        """Queue ``item`` unless stopped meanwhile (a full queue must not keep the pipe open)."""
+        while not self._stop.is_set():
+            try:
+                self.queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop reading and wait for the thread to let go of the pipe."""
+        """Stop reading and wait for the thread to close the pipe (tail polls at most 0.2 s at a time)."""
         self._stop.set()
         self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("the trace reader did not stop within %.1f s", timeout)
 
     def get(self, timeout: float) -> bytes | None:
         """The next chunk; b"" when nothing came within ``timeout``; None at the end of input."""
@@ -175,25 +197,59 @@ class LiveReader:
 
 
 # --- the run ---------------------------------------------------------------------------------
+@dataclass
+class _Stop:
+    """``stop``: the first SIGTERM/SIGINT (or the end of input); ``abort``: a second one, give up waiting."""
+
+    stop: threading.Event
+    abort: threading.Event
+
+
 @contextlib.contextmanager
-def _stop_on_signals(stop: threading.Event) -> Iterator[None]:
-    """SIGTERM and SIGINT end the watch cleanly (instance removed, final report printed)."""
+def _stop_on_signals(stop: threading.Event) -> Iterator[_Stop]:
+    """SIGTERM and SIGINT end the watch cleanly (instance removed, final report printed); a second one
+    abandons the final push."""
+    state = _Stop(stop, threading.Event())
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield state
         return
     previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
 
     def handler(signum: int, _frame: Any) -> None:
-        log.info("signal %d: stopping", signum)
+        if stop.is_set():
+            log.warning("signal %d again: not waiting for the API any longer", signum)
+            state.abort.set()
+        else:
+            log.info("signal %d: stopping", signum)
         stop.set()
 
     for s in previous:
         signal.signal(s, handler)
     try:
-        yield
+        yield state
     finally:
         for s, h in previous.items():
             signal.signal(s, h)
+
+
+def _final_push(pusher: Any, abort: threading.Event, wait: float = FINAL_PUSH_WAIT) -> bool:
+    """Stop the pusher and push the last set, giving it at most ``wait`` seconds (less after ``abort``).
+
+    It runs in a daemon thread so that nothing the API does (a server that accepts and never answers, a
+    slow drip, Retry-After) can hold the exit; True if it finished and succeeded.
+    """
+    result: list[bool] = []
+    worker = threading.Thread(target=lambda: result.append(pusher.stop(final_push=True, timeout=PUSH_STOP_WAIT)),
+                              name="final-push", daemon=True)
+    worker.start()
+    deadline = time.monotonic() + wait
+    while worker.is_alive() and not abort.is_set() and (left := deadline - time.monotonic()) > 0:
+        worker.join(min(left, 0.1))
+    if worker.is_alive():
+        log.warning("the final push to %s did not finish within %.0f s; exiting without it",
+                    getattr(getattr(pusher, "client", None), "api_url", "the Gthulhu API"), wait)
+        return False
+    return bool(result and result[0])
 
 
 def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) -> Pipeline:
@@ -203,13 +259,20 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
         from gtp5g_op.trace.validate import ProcessValidator, current_comm
 
         # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
-        validator, resolve_comm = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads), current_comm
+        validator = ProcessValidator(exe_allow=opts.exe_allow, threads=opts.threads, exe_names=opts.match,
+                                     allow_user_writable_exe=opts.allow_user_writable_exe,
+                                     uid_allow=opts.uid_allow)
+        resolve_comm = current_comm
     parser = TraceParser(opts.match, accelerate=opts.accelerate, resolve_comm=resolve_comm)
     return Pipeline(parser, validator=validator, pusher=pusher, metrics=metrics, threads=opts.threads)
 
 
 def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None = None) -> WatchResult:
     """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
+    for what, value, maximum in (("--speed", opts.speed, 1e6), ("--duration", opts.duration, 1e9),
+                                 ("--interval", opts.interval, 86400.0)):
+        if value is not None:
+            finite_number(value, what, 0.0, maximum)
     if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
     if opts.replay is None and opts.validate:
@@ -229,17 +292,17 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
         if pusher is not None and metrics is not None and hasattr(pusher, "metrics"):
             pusher.metrics = metrics
         pipeline = build_pipeline(opts, pusher, metrics)
-        stack.enter_context(_stop_on_signals(stop))
+        signals = stack.enter_context(_stop_on_signals(stop))
         pushed_ok = True
         try:
             if opts.replay is not None:
                 _run_replay(opts, pipeline, stop, metrics, view)
             else:
-                _run_live(opts, pipeline, stop, stack, metrics, view)
+                _run_live(opts, pipeline, stop, metrics, view)  # removes its instance before returning
         finally:
             if pusher is not None:
                 pipeline.publish()
-                pushed_ok = pusher.stop(final_push=True, timeout=PUSH_STOP_WAIT)
+                pushed_ok = _final_push(pusher, signals.abort)
         report = pipeline.report()
         if pusher is not None:
             report["push"] = _push_status(pusher, pushed_ok)
@@ -295,10 +358,10 @@ def _run_replay(
 ) -> None:
     deadline = time.monotonic() + opts.duration if opts.duration else None
     refresh = _Refresher(pipeline, view)
-    with open_replay(opts.replay) as fh:  # type: ignore[arg-type]
-        chunks: Iterator[bytes] = read_chunks(fh)
+    with open_replay(opts.replay) as fh, contextlib.ExitStack() as gens:  # type: ignore[arg-type]
+        chunks: Iterator[bytes] = gens.enter_context(contextlib.closing(read_chunks(fh)))
         if opts.speed:
-            chunks = paced(chunks, opts.speed, stop)
+            chunks = gens.enter_context(contextlib.closing(paced(chunks, opts.speed, stop)))
         for chunk in chunks:
             pipeline.feed(chunk)
             if metrics is not None:
@@ -316,39 +379,42 @@ def _run_live(
     opts: WatchOptions,
     pipeline: Pipeline,
     stop: threading.Event,
-    stack: contextlib.ExitStack,
     metrics: Any,
     view: Callable | None,
 ) -> None:
+    """Read the live source until the end, ``--duration`` or a signal; the instance, the tracer and the
+    reader are gone when this returns (before the final push, which may wait on the API)."""
     from gtp5g_op.trace import tracefs
 
-    instance = None
-    if opts.trace_pipe:
-        path = Path(opts.trace_pipe)
-    else:
-        instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb))
-        path = instance.pipe
-        pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
-    if opts.with_tracer:
-        pipeline.tracer = _load_tracer(stack)
-    reader = LiveReader(tracefs.tail(path, stop), stop)
-    stack.callback(reader.close)  # before the instance goes: removing it needs the pipe closed
-    deadline = time.monotonic() + opts.duration if opts.duration else None
-    refresh = _Refresher(pipeline, view, instance)
-    while not stop.is_set():
-        chunk = reader.get(TICK)
-        if chunk is None:
-            break
-        if chunk:
-            pipeline.feed(chunk)
-        if metrics is not None:
-            metrics.mark_read()
-        now = time.monotonic()
-        refresh(now)
-        if deadline and now >= deadline:
-            break
-    stop.set()
+    with contextlib.ExitStack() as stack:
+        instance = None
+        if opts.trace_pipe:
+            path = Path(opts.trace_pipe)
+        else:
+            instance = stack.enter_context(tracefs.TraceInstance(opts.instance, buffer_kb=opts.buffer_kb,
+                                                                 state_dir=opts.state_dir))
+            path = instance.pipe
+            pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
+        if opts.with_tracer:
+            pipeline.tracer = _load_tracer(stack)
+        reader = LiveReader(tracefs.tail(path, stop), stop)
+        stack.callback(reader.close)  # first on the way out: removing the instance needs the pipe closed
+        deadline = time.monotonic() + opts.duration if opts.duration else None
+        refresh = _Refresher(pipeline, view, instance)
+        while not stop.is_set():
+            chunk = reader.get(TICK)
+            if chunk is None:
+                break
+            if chunk:
+                pipeline.feed(chunk)
+            if metrics is not None:
+                metrics.mark_read()
+            now = time.monotonic()
+            refresh(now)
+            if deadline and now >= deadline:
+                break
+        stop.set()
+        if instance is not None:
+            pipeline.overruns = instance.overruns()
     pipeline.finish()
     pipeline.refresh()
-    if instance is not None:
-        pipeline.overruns = instance.overruns()

@@ -1,0 +1,194 @@
+"""Issue 11 item 1, replayed: unprivileged users (real uid 65534 processes) naming themselves nr-gnb.
+
+Each test plays the attacker with a real process of another user and checks the validator (and, end to
+end, a live ``watch --push`` against the test server) does not favour it; the old code accepted all of
+them. The attacker's programs run /usr/bin/python3 (this checkout's interpreter may live where uid 65534
+cannot read it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from conftest import host_pids, wait_for
+from hostile import NOBODY, as_user, open_tmp, popen_as, require_root  # noqa: F401 - open_tmp is a fixture
+
+from gtp5g_op.trace.validate import ProcessValidator, read_stat
+
+SYSTEM_PYTHON = shutil.which("python3", path="/usr/bin:/bin")
+# Names itself nr-gnb (every thread), calls getppid (the selftest probe's tracepoint) and prints its pid.
+SPOOFER = r"""
+import os, sys, threading, time
+def name():
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write("nr-gnb")
+def loop():
+    name()
+    while True:
+        os.getppid()
+        time.sleep(0.005)
+name()
+for _ in range(2):
+    threading.Thread(target=loop, daemon=True).start()
+print(os.getpid(), flush=True)
+if len(sys.argv) > 1:  # exec into another program once told to (stdin)
+    sys.stdin.readline()
+    os.execv(sys.argv[1], [sys.argv[1], "-c", "import time; time.sleep(60)"])
+loop()
+"""
+
+
+@pytest.fixture(autouse=True)
+def _needs_root_and_python():
+    require_root("the attacks run as uid 65534")
+    if SYSTEM_PYTHON is None:
+        pytest.skip("needs /usr/bin/python3 (apt-get install python3)")
+
+
+class Spoofer:
+    """A running attacker process; ``pid`` once it named itself."""
+
+    def __init__(self, exe: str, uid: int = NOBODY, exec_into: str | None = None):
+        cmd = [exe, "-c", SPOOFER] + ([exec_into] if exec_into else [])
+        self.proc = (popen_as(cmd, uid, uid, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True) if uid
+                     else subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True))
+        self.pid = int(self.proc.stdout.readline())
+        assert wait_for(lambda: (read_stat(self.pid) or read_stat(1)).comm == "nr-gnb", 5) is not None
+
+    def tids(self) -> list[int]:
+        return [int(t) for t in os.listdir(f"/proc/{self.pid}/task")]
+
+    def __enter__(self) -> Spoofer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.proc.kill()
+        self.proc.wait()
+
+
+def planted_copy(directory: Path, uid: int = NOBODY) -> str:
+    """uid copies /usr/bin/python3 into ``directory`` as nr-gnb, as the issue's attacker did."""
+    target = directory / "nr-gnb"
+
+    def copy() -> None:
+        shutil.copy(os.path.realpath(SYSTEM_PYTHON), target)
+        os.chmod(target, 0o755)
+
+    as_user(copy, uid, uid) if uid else copy()
+    return str(target)
+
+
+def test_a_user_renaming_an_interpreter_is_refused_with_the_default_settings():
+    """1a: uid 65534, python3 renamed nr-gnb (comm), with threads: accepted by the old default."""
+    with Spoofer(SYSTEM_PYTHON) as s:
+        validator = ProcessValidator()
+        for tid in s.tids():
+            v = validator.check(tid, "nr-gnb")
+            assert not v.ok and v.code == "exe" and "not named like a target" in v.reason, v
+        # Explicitly allowing that interpreter is the user's call; the uid allow-list still refuses.
+        allowed = ProcessValidator(exe_allow=[os.path.realpath(SYSTEM_PYTHON)])
+        assert allowed.check(s.pid, "nr-gnb").ok
+        v = ProcessValidator(exe_allow=[os.path.realpath(SYSTEM_PYTHON)], uid_allow=[0]).check(s.pid, "nr-gnb")
+        assert not v.ok and v.code == "uid" and f"uid {NOBODY}" in v.reason
+
+
+def test_a_user_planted_binary_named_nr_gnb_is_refused_even_when_the_allow_list_matches(open_tmp):
+    """1b: uid 65534 copies python3 as nr-gnb into a world-writable directory; the old '*/nr-gnb' took it."""
+    ww = open_tmp / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    exe = planted_copy(ww)
+    with Spoofer(exe) as s:
+        for validator in (ProcessValidator(), ProcessValidator(exe_allow=[str(open_tmp) + "/*/nr-gnb"])):
+            v = validator.check(s.pid, "nr-gnb")
+            assert not v.ok and v.code == "untrusted", v
+            assert f"owned by uid {NOBODY}, not root" in v.reason and "--allow-user-writable-exe" in v.reason
+        # The opt-out is explicit and does what it says.
+        assert ProcessValidator(allow_user_writable_exe=True).check(s.pid, "nr-gnb").ok
+
+
+def test_a_root_owned_binary_in_a_directory_others_can_write_is_refused(open_tmp):
+    """Root's own copy, but in a directory anyone may rename it out of and replace it in."""
+    ww = open_tmp / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    exe = planted_copy(ww, uid=0)
+    with Spoofer(exe) as s:
+        v = ProcessValidator().check(s.pid, "nr-gnb")
+        assert not v.ok and v.code == "untrusted" and f"directory {ww} is writable by group or others" in v.reason
+    ww.chmod(0o755)  # the same file once the directory is root's alone
+    with Spoofer(exe) as s:
+        assert ProcessValidator().check(s.pid, "nr-gnb").ok
+
+
+def test_a_writable_executable_and_an_ancestor_owned_by_a_user_are_refused(open_tmp):
+    home = open_tmp / "home"
+    home.mkdir()
+    os.chown(home, NOBODY, NOBODY)
+    sub = home / "bin"
+    sub.mkdir(mode=0o755)  # root's, but inside nobody's directory: nobody can rename it away
+    exe = planted_copy(sub, uid=0)
+    with Spoofer(exe, uid=0) as s:
+        v = ProcessValidator().check(s.pid, "nr-gnb")
+        assert not v.ok and f"directory {home} is owned by uid {NOBODY}" in v.reason
+    safe = open_tmp / "safe"
+    safe.mkdir(mode=0o755)
+    exe = planted_copy(safe, uid=0)
+    os.chmod(exe, 0o757)
+    with Spoofer(exe, uid=0) as s:
+        v = ProcessValidator().check(s.pid, "nr-gnb")
+        assert not v.ok and "is writable by group or others (mode 0757)" in v.reason
+
+
+def test_execve_into_a_planted_binary_after_validation_is_caught(open_tmp):
+    """Same pid, same start time, new program: the identity cache is keyed by the executable's inode too."""
+    safe = open_tmp / "safe"
+    safe.mkdir(mode=0o755)
+    trusted = planted_copy(safe, uid=0)
+    ww = open_tmp / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    planted = planted_copy(ww)
+    with Spoofer(trusted, uid=0, exec_into=planted) as s:
+        validator = ProcessValidator()
+        before = validator.check(s.pid, "nr-gnb")
+        assert before.ok
+        start = read_stat(s.pid).start_ticks
+        s.proc.stdin.write("go\n")
+        s.proc.stdin.flush()
+        assert wait_for(lambda: os.readlink(f"/proc/{s.pid}/exe") == planted, 5) is not None
+        assert read_stat(s.pid).start_ticks == start and read_stat(s.pid).comm == "nr-gnb"
+        after = validator.check(s.pid, "nr-gnb")
+        assert not after.ok and after.code == "untrusted"
+
+
+# --- end to end: a live watch with --push, the selftest probe standing in for gtp5g's hooks -------------
+
+from test_live_e2e import finish, selftest_probe, start_watch  # noqa: E402,F401 - selftest_probe is a fixture
+
+
+@host_pids
+def test_live_watch_pushes_no_spoofer_but_the_installed_target(selftest_probe, gthulhu_server, tmp_path, open_tmp):
+    from gtp5g_op.kernel import workload
+
+    ww = open_tmp / "ww"
+    ww.mkdir()
+    ww.chmod(0o777)
+    planted = planted_copy(ww)
+    watch = start_watch(gthulhu_server, tmp_path, f"gtp5g-op-spoof-{os.getpid()}")
+    try:
+        with Spoofer(SYSTEM_PYTHON) as renamed, Spoofer(planted) as copied, \
+                workload.start("nr-gnb", threads=1, rate=100) as real:
+            assert wait_for(lambda: real.pid in gthulhu_server.pids(), timeout=10) is not None
+            time.sleep(1.5)  # the spoofers have been tracing all along
+            bad = {renamed.pid, copied.pid, *renamed.tids(), *copied.tids()}
+            assert not bad & gthulhu_server.pids()
+    finally:
+        report = finish(watch)
+    assert report["rejected"].get("exe", 0) >= 1 and report["rejected"].get("untrusted", 0) >= 1
+    assert not bad & {p["pid"] for p in report["processes"] if p["valid"]}

@@ -1,0 +1,209 @@
+"""The hardened state directory, attacked the way issue 11 (item 9) did: planted dirs, symlinks, big files."""
+
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from pathlib import Path
+
+import pytest
+from hostile import NOBODY, as_user, open_tmp, require_root  # noqa: F401 - open_tmp is a fixture
+
+from gtp5g_op.errors import EXIT_ENV
+from gtp5g_op.gthulhu.sync import OwnershipStore
+from gtp5g_op.ops.statedir import MAX_READ, StateDir, StateDirError, check_name, default_state_dir
+
+
+@pytest.fixture
+def base(tmp_path) -> Path:
+    """A root-owned 0755 directory to create state directories in (tmp_path's parents are safe)."""
+    d = tmp_path / "base"
+    d.mkdir(mode=0o755)
+    d.chmod(0o755)
+    return d
+
+
+def test_created_0700_files_0600_and_written_atomically(base):
+    sd = StateDir(base / "a" / "b" / "state")
+    sd.write("owned-x.json", b"{}\n")
+    for p in (base / "a", base / "a" / "b", base / "a" / "b" / "state"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o700
+    f = base / "a" / "b" / "state" / "owned-x.json"
+    assert f.read_bytes() == b"{}\n" and stat.S_IMODE(f.stat().st_mode) == 0o600
+    sd.write("owned-x.json", b"new")
+    assert sd.read("owned-x.json") == b"new" and sd.read("missing") is None
+    assert sorted(os.listdir(sd.path)) == ["owned-x.json"]  # no temp file left behind
+
+
+def test_defaults_per_user():
+    assert default_state_dir(env={}, euid=0) == Path("/run/gtp5g-op")
+    assert default_state_dir(env={"XDG_RUNTIME_DIR": "/run/user/1000"}, euid=1000) == Path("/run/user/1000/gtp5g-op")
+    assert default_state_dir(env={}, euid=1000) == Path.home() / ".local/state/gtp5g-op"
+
+
+@pytest.mark.parametrize("bad", ["", ".hidden", "a/b", "..", "x\n", "x" * 201, "sp ace"])
+def test_file_names_are_plain(bad):
+    with pytest.raises(Exception) as exc:
+        check_name(bad)
+    assert exc.value.exit_code == 2
+
+
+def test_a_directory_another_user_created_is_refused_and_its_symlinks_never_followed(open_tmp):
+    """Issue 11 item 9: nobody creates the state_dir and plants symlinks at every name root might write."""
+    require_root()
+    victim = open_tmp / "victim"
+    victim.write_text("precious\n")
+    state = open_tmp / "state"
+    state.mkdir(mode=0o777)
+    state.chmod(0o777)
+    os.chown(state, NOBODY, NOBODY)
+
+    def plant() -> None:
+        store = OwnershipStore("http://127.0.0.1:8080", state)
+        for name in (store.filename, f"{store.filename[:-5]}.tmp{os.getpid()}", f"{store.filename[:-5]}.lock"):
+            os.symlink(victim, state / name)
+
+    as_user(plant)
+    store = OwnershipStore("http://127.0.0.1:8080", state)
+    with pytest.raises(StateDirError) as exc:
+        store.change(set_watch={1})
+    assert f"owned by uid {NOBODY}" in exc.value.message and exc.value.exit_code == EXIT_ENV
+    assert "state-dir" in exc.value.fix
+    assert victim.read_text() == "precious\n"
+
+    os.chown(state, 0, 0)  # root's now, but still world-writable
+    with pytest.raises(StateDirError, match="writable by group or others"):
+        store.change(set_watch={1})
+    assert victim.read_text() == "precious\n"
+
+
+def test_symlinked_state_dir_and_planted_file_symlink(base, tmp_path):
+    real = base / "real"
+    real.mkdir(mode=0o700)
+    link = base / "link"
+    link.symlink_to(real)
+    with pytest.raises(StateDirError, match="symlink or not a directory"):
+        StateDir(link).write("f", b"x")
+
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, real / "f")  # planted inside a directory that is ours
+    sd = StateDir(real)
+    with pytest.raises(StateDirError, match="cannot open f"):
+        sd.read("f")  # O_NOFOLLOW: not followed
+    sd.write("f", b"new")  # rename replaces the link itself
+    assert victim.read_text() == "precious\n" and not (real / "f").is_symlink()
+
+
+def test_an_ancestor_another_user_owns_is_refused(base):
+    require_root()
+    mid = base / "mid"
+    mid.mkdir(mode=0o755)
+    os.chown(mid, NOBODY, NOBODY)  # nobody could rename mid/state away and put their own there
+    with pytest.raises(StateDirError, match=f"above it is owned by uid {NOBODY}"):
+        StateDir(mid / "state").ensure()
+
+
+def test_a_world_writable_sticky_ancestor_is_fine(tmp_path):
+    sticky = tmp_path / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    StateDir(sticky / "state").write("f", b"x")
+
+
+def test_reads_are_bounded_and_never_block_on_a_fifo(base):
+    sd = StateDir(base / "s")
+    sd.ensure()
+    (sd.path / "big").write_bytes(b"x" * (MAX_READ + 1))
+    with pytest.raises(StateDirError, match="larger than"):
+        sd.read("big")
+    os.mkfifo(sd.path / "fifo")
+    with pytest.raises(StateDirError, match="not a regular file"):
+        sd.read("fifo")  # O_NONBLOCK: no writer needed to get here
+    assert sd.read("big", limit=MAX_READ + 1) is not None
+
+
+def test_an_oversized_ownership_file_is_ignored_with_a_warning(base, caplog):
+    store = OwnershipStore("http://x:1", base / "s")
+    store.change(set_watch={7})
+    store.path.write_bytes(b" " * (MAX_READ + 10))
+    assert store.load() == {}
+    assert "larger than" in caplog.text
+
+
+def test_locks_live_in_their_own_namespace(base):
+    """Issue 11 item 11: an instance named like the store's lock file deadlocked the pusher."""
+    from gtp5g_op.trace.tracefs import _lock
+
+    sd = StateDir(base / "s")
+    store = OwnershipStore("http://127.0.0.1:8080", sd)
+    held = _lock(sd, store.filename[: -len(".json")])  # the old store lock was owned-<api>.lock
+    other = _lock(sd, "owned-127.0.0.1_8080.lock")
+    assert held.acquire() and other.acquire()
+    try:
+        done = threading.Event()
+        t = threading.Thread(target=lambda: (store.change(set_watch={1}), done.set()), daemon=True)
+        t.start()
+        assert done.wait(5), "the ownership store waited on an instance's lock"
+        assert store.load() == {1: "watch"}
+        assert sorted(os.listdir(sd.path / "lock")) == ["instance-owned-127.0.0.1_8080",
+                                                        "instance-owned-127.0.0.1_8080.lock"]
+    finally:
+        held.release()
+        other.release()
+    assert os.listdir(sd.path / "lock") == []
+
+
+def test_lock_is_exclusive_across_processes_and_freed_by_death(base):
+    sd = StateDir(base / "s")
+    lock = sd.lock("instance", "x")
+    assert lock.acquire()
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        got = sd.lock("instance", "x").acquire()
+        os.write(w, b"1" if got else b"0")
+        os._exit(0)
+    os.close(w)
+    assert os.read(r, 1) == b"0"
+    os.close(r)
+    os.waitpid(pid, 0)
+    assert lock.owner() == os.getpid()
+    lock.release()
+    assert sd.lock("instance", "x").acquire()  # free again (this one is dropped at process exit)
+
+
+def test_a_lock_file_planted_as_a_symlink_is_refused(base, tmp_path):
+    sd = StateDir(base / "s")
+    sd.ensure()
+    (sd.path / "lock").mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("precious\n")
+    os.symlink(victim, sd.path / "lock" / "instance-x")
+    with pytest.raises(StateDirError, match="cannot lock"):
+        sd.lock("instance", "x").acquire()
+    assert victim.read_text() == "precious\n"
+
+
+def test_read_only_file_system_is_one_line(tmp_path):
+    """An EROFS (or any OSError) while creating the directory is a StateDirError with the fix."""
+    require_root()
+    import subprocess
+    import sys
+
+    code = (
+        "from gtp5g_op.ops.statedir import StateDir\n"
+        "from gtp5g_op.errors import OpError\n"
+        f"try:\n    StateDir({str(tmp_path / 'ro' / 'gtp5g-op')!r}).ensure()\n"
+        "except OpError as e:\n    print(e.one_line(), e.exit_code)\n"
+    )
+    (tmp_path / "ro").mkdir()
+    out = subprocess.run(
+        ["unshare", "-m", "sh", "-c",
+         f"mount -t tmpfs -o ro tmpfs {tmp_path / 'ro'} && exec {sys.executable} -c \"$0\"", code],
+        capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "Read-only file system" in out.stdout and out.stdout.strip().endswith(" 3")
+    assert "fix: point --state-dir" in out.stdout
