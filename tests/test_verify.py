@@ -122,17 +122,20 @@ def test_loaded_module_without_btf_fails_with_both_causes(tmp_path):
     """Loaded without /sys/kernel/btf/gtp5g (built without BTF, or the kernel rejected it): a fail."""
     kallsyms = "ffffffffc0a01000 T gtp5g_encap_recv\t[gtp5g]\nffffffffc0a02000 r __ksymtab_gtp5g_encap_recv\t[gtp5g]\n"
     proc, sys_root = fake_loaded_gtp5g(tmp_path, kallsyms, ["gtp5g_encap_recv"])
-    assert verify.module_btf_problem(sys_root=sys_root) == ""
+    assert verify.module_btf_problem(sys_root=sys_root, proc=proc) == ""
     assert verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root).ok
     (sys_root / "kernel/btf/gtp5g").unlink()
-    problem = verify.module_btf_problem(sys_root=sys_root)
+    problem = verify.module_btf_problem(sys_root=sys_root, proc=proc)
     assert "loaded without BTF" in problem and "failed to validate module [gtp5g] BTF" in problem
     report = verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root)
     assert not report.ok and report.btf_problem == problem
     assert verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root, allow_no_btf=True).ok
     (sys_root / "module/gtp5g/holders").rmdir()
     (sys_root / "module/gtp5g").rmdir()
-    assert verify.module_btf_problem(sys_root=sys_root).startswith("gtp5g is not loaded")
+    assert verify.module_btf_problem(sys_root=sys_root, proc=proc).startswith("gtp5g is not loaded")
+    assert "modprobe gtp5g" in verify.module_btf_problem(sys_root=sys_root, proc=proc)
+    (proc / "modules").unlink()
+    assert "cannot be loaded on this kernel" in verify.module_btf_problem(sys_root=sys_root, proc=proc)
 
 
 def test_loader_names_the_btf_problem_not_just_not_loaded():

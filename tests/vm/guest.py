@@ -203,7 +203,14 @@ class Guest:
             doc = json.loads(out) if out.strip().startswith("{") else None
             steps = "; ".join(f"{s['name']}: {'ok' if s['ok'] else s['ok']} {s['detail']}"
                               for s in (doc or {}).get("steps", []))
-            return code == 0 and bool(doc and doc["ok"]), f"exit {code} {err.strip()} {steps}", doc
+            if code == 0 and doc and doc["ok"]:
+                return True, f"exit 0; {steps}", doc
+            # gtp5g before v0.9 registers no netlink policy: Linux 6.1 refuses every rule. The selftest must
+            # say exactly that, exit 1, and still prove every hook that runs without a session.
+            failed = [s for s in (doc or {}).get("steps", []) if not s["ok"]]
+            known = (code == 1 and [s["name"] for s in failed] == ["device and session"]
+                     and "without a netlink policy" in failed[0]["detail"])
+            return known, f"exit {code}{' (known: gtp5g < 0.9 on Linux 6.1+)' if known else ''}; {err} {steps}", doc
 
         self.step(v, "patch-module", patch)
         if self.step(v, "install --reload", install_reload) is None:
@@ -226,7 +233,7 @@ class Guest:
         """The real CLI, a real gtp5g device in a private namespace: refused before make runs."""
         log = tree / ".gtp5g-op" / "build.log"
         before = log.stat().st_mtime_ns if log.exists() else None
-        with Gtp5gLab(LabConfig(tag="rl")) as lab:
+        with Gtp5gLab(LabConfig(tag="rl"), session=False) as lab:
             code, out, err = cli("build", "module", "--src", str(tree), "--kdir", str(self.kdir), "--reload")
             still = bool(_gtp5g_links_in_ns())
         untouched = (log.stat().st_mtime_ns if log.exists() else None) == before
@@ -256,7 +263,7 @@ class Guest:
     def watch_push(self):
         server, url, pub = start_testserver(self.work)
         try:
-            with Gtp5gLab(LabConfig(tag="w")) as lab:
+            with Gtp5gLab(LabConfig(tag="w"), require_session=False) as lab:
                 gnb = lab.start_gnb(count=0, rate=50, timeout=90, binary=True)
                 inst = f"gtp5g-op-vmw-{os.getpid()}"
                 cmd = ["gtp5g-op", "watch", "--with-tracer", "--push", "--json", "--interval", "1",
@@ -279,7 +286,7 @@ class Guest:
             server.wait(10)
 
     def watch_exited(self):
-        with Gtp5gLab(LabConfig(tag="x")) as lab, _reaped(["gtp5g-op", "watch", "--with-tracer", "--json",
+        with Gtp5gLab(LabConfig(tag="x"), require_session=False) as lab, _reaped(["gtp5g-op", "watch", "--with-tracer", "--json",
                                                              "--duration", "40", "--instance",
                                                              f"gtp5g-op-vmx-{os.getpid()}"]) as watch:
             wait_for(lambda: _tracer_attached(), 60)  # the sender's packets must find the tracer there

@@ -148,9 +148,10 @@ def explain(err: int, kind: str, function: str, stage: str, detail: str = "") ->
         from gtp5g_op.kernel.verify import module_btf_problem
 
         problem = module_btf_problem()  # not loaded, or loaded without (or with rejected) BTF
+        text = f"{function} is not in gtp5g's BTF as a global function: "
         if problem:
-            return f"{function} cannot be found: {problem}"
-        return f"{function} is not in gtp5g's BTF as a global function: run gtp5g-op patch-module, rebuild, reload"
+            text += f"{problem}; if it still fails, "
+        return text + "run gtp5g-op patch-module, rebuild, reload"
     if err == errno.ENOENT and kind in ("tp", "tracepoint"):
         if TRACEFS_EVENTS.is_dir():
             return f"tracepoint {function} does not exist on this kernel"

@@ -126,8 +126,13 @@ class GnbProcess:
 class Gtp5gLab:
     """The namespace, device and session described in the module docstring (a context manager)."""
 
-    def __init__(self, config: LabConfig | None = None):
+    def __init__(self, config: LabConfig | None = None, session: bool = True, require_session: bool = True):
+        """``session`` False: the device only. ``require_session`` False: a refused session is kept in
+        ``session_error`` instead of raised (gtp5g before v0.9 refuses every rule on Linux 6.1+)."""
         self.config = config or LabConfig()
+        self.session = session
+        self.require_session = require_session
+        self.session_error = ""
         self.rules: list[gtp5gnl.Rule] = []
         self.ifindex = 0
         self.gnbs: list[GnbProcess] = []
@@ -141,7 +146,13 @@ class Gtp5gLab:
         try:
             self.create_netns()
             self.create_device()
-            self.install_session()
+            if self.session:
+                try:
+                    self.install_session()
+                except gtp5gnl.Gtp5gRefused as exc:
+                    if self.require_session:
+                        raise
+                    self.session_error = exc.one_line()
         except BaseException:
             self.close()
             raise

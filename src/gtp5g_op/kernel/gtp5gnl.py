@@ -202,6 +202,24 @@ def create_link(ipr: IPRoute, name: str, fd: int, hashsize: int = 1024, role: in
     return links[0]
 
 
+class Gtp5gRefused(OpError):
+    """gtp5g's generic netlink family refused a request; ``code`` is the errno, ``said`` the kernel's words."""
+
+    def __init__(self, what: str, code: int, said: str):
+        self.code, self.said = code, said
+        if code == errno.EINVAL and "policy validation" in said:
+            # Linux 6.1 rejects every attribute of a generic netlink command that has no policy and is
+            # not below the family's resv_start_op; gtp5g releases before v0.9 set neither.
+            super().__init__(
+                f"{what}: the kernel refused every attribute ({said}): this gtp5g registers its commands "
+                "without a netlink policy, which Linux 6.1+ rejects, so no PDR/FAR/QER can be installed "
+                "(a UPF cannot configure it either)", fix="use gtp5g v0.9 or newer on this kernel")
+        else:
+            super().__init__(f"{what}: {os.strerror(code)}" + (f" ({said})" if said and said != os.strerror(code)
+                                                                else ""),
+                             fix="see dmesg for gtp5g's reason")
+
+
 @dataclass(frozen=True)
 class Rule:
     """What was installed, for the report."""
@@ -220,7 +238,7 @@ class Gtp5gGenl:
     def _sock(self, cls: type) -> GenericNetlinkSocket:
         # pyroute2 maps one message class per socket and family: one socket per rule kind.
         if cls not in self._socks:
-            sock = GenericNetlinkSocket()
+            sock = GenericNetlinkSocket(ext_ack=True)  # the kernel then says why it refused
             try:
                 sock.bind(FAMILY, cls)
             except NetlinkError as exc:
@@ -248,7 +266,13 @@ class Gtp5gGenl:
         msg["cmd"] = cmd
         msg["version"] = 0
         msg["attrs"] = attrs
-        tuple(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+        try:
+            tuple(sock.nlm_request(msg, msg_type=sock.prid, msg_flags=NLM_F_REQUEST | NLM_F_ACK))
+        except NetlinkError as exc:
+            what = {CMD_ADD_PDR: "adding a PDR", CMD_ADD_FAR: "adding a FAR", CMD_ADD_QER: "adding a QER"}.get(
+                cmd, f"gtp5g command {cmd}")
+            said = str(exc.args[1]) if len(exc.args) > 1 else ""
+            raise Gtp5gRefused(what, exc.code, said) from exc
 
     def add_qer(self, ifindex: int, qer_id: int, mbr_kbps: int, qfi: int = 9) -> Rule:
         """A QER with an open gate and an MBR both ways (so policePacket runs when QoS is on)."""
@@ -306,8 +330,8 @@ class Gtp5gGenl:
             return Rule("PDR", pdr_id, detail)
         try:
             send(True)
-        except NetlinkError as exc:
-            if exc.code != errno.EINVAL:
+        except Gtp5gRefused as exc:
+            if exc.code != errno.EINVAL or "policy validation" in exc.said:
                 raise
             log.info("gtp5g refused GTP5G_PDI_SRC_INTF (a release before v0.9): PDR %d without it", pdr_id)
             send(False)

@@ -179,7 +179,7 @@ BTF_FIX = ("rebuild with the target kernel's vmlinux in KDIR: gtp5g-op build mod
            "(running kernel) or --vmlinux /boot/vmlinuz-<release> (another kernel)")
 
 
-def module_btf_problem(module: str = "gtp5g", sys_root: Path = Path("/sys")) -> str:
+def module_btf_problem(module: str = "gtp5g", sys_root: Path = Path("/sys"), proc: Path = Path("/proc")) -> str:
     """Why fentry cannot find ``module``'s functions in BTF, in plain words; "" when its BTF is there.
 
     For the tracer's loader: "not loaded" and "loaded without BTF" need different fixes. A module
@@ -189,7 +189,10 @@ def module_btf_problem(module: str = "gtp5g", sys_root: Path = Path("/sys")) -> 
     if (sys_root / "kernel" / "btf" / module).is_file():
         return ""
     if not (sys_root / "module" / module).is_dir():
-        return f"{module} is not loaded (no {sys_root}/module/{module})"
+        if not (proc / "modules").exists():
+            return (f"{module} cannot be loaded on this kernel (no module support, CONFIG_MODULES off): "
+                    "run the tracer on the UPF host")
+        return f"{module} is not loaded (no {sys_root}/module/{module}): load it (modprobe {module})"
     return (f"{module} is loaded without BTF (no {sys_root}/kernel/btf/{module}): it was built without "
             f"module BTF, or the kernel rejected its BTF (built against another kernel's vmlinux; dmesg "
             f"says 'failed to validate module [{module}] BTF'); {BTF_FIX}, then reload it")
@@ -345,5 +348,5 @@ def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", pro
         base = sys_root / "kernel" / "btf" / "vmlinux"
         btf = BtfReader(btf_path.read_bytes(), base_str_len(base)).func_linkage()
     report = _report(f"loaded {module}", names, required, any_funcs, global_funcs, ksymtab, btf, notes)
-    report.btf_problem, report.allow_no_btf = module_btf_problem(module, sys_root), allow_no_btf
+    report.btf_problem, report.allow_no_btf = module_btf_problem(module, sys_root, proc), allow_no_btf
     return report
