@@ -39,7 +39,8 @@ def run_rate(lines_per_s: int, seconds: float, buffer_kb: int) -> dict:
     """One watch + one load at ``lines_per_s``; what the watch saw and what it cost."""
     instance = f"gtp5g-op-bench-{os.getpid()}"
     cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--json", "--instance", instance,
-           "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2)]
+           "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2),
+           "--exe-allow", os.path.realpath(sys.executable)]  # the load is this interpreter, renamed
     with tempfile.TemporaryFile() as out:
         watch = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
         pipe = Path("/sys/kernel/tracing/instances") / instance / "trace_pipe"

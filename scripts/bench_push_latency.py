@@ -102,7 +102,9 @@ def main() -> int:
         os.mkfifo(fifo)
         env = {**os.environ, "GTP5G_OP_STATE_DIR": str(work / "state")}
         watch = subprocess.Popen(
-            ["gtp5g-op", "watch", "--trace-pipe", str(fifo), "--push", "--api-url", url, "--public-key", str(pub), "--json"],
+            ["gtp5g-op", "watch", "--trace-pipe", str(fifo), "--push", "--api-url", url, "--public-key", str(pub), "--json",
+             # the child is this interpreter renamed: allow it explicitly (a renamed program is no target)
+             "--exe-allow", os.path.realpath(sys.executable)],
             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )
         fd = os.open(fifo, os.O_WRONLY)  # blocks until the watch opened the FIFO

@@ -44,6 +44,16 @@ def test_shared_options_are_accepted_on_the_group_and_the_command_and_the_neares
     ):
         result = runner.invoke(main, args)
         assert result.exit_code == 2, (args, result.output)
-        assert f"cannot read public key {missing}" in result.output, (args, result.output)
+        assert f"public key {missing} does not exist" in result.output, (args, result.output)
     result = runner.invoke(main, ["watch", "--replay", "--no-validate", "--json", "-v", "--log-format", "json"])
     assert result.exit_code == 0, result.output
+
+
+def test_every_command_takes_the_global_options_after_its_name():
+    """-v/-vv, --log-format and --config work on every command, so a fix that says "run with -vv" works
+    wherever it is printed."""
+    runner = CliRunner()
+    for path in all_commands(main, click.Context(main)):
+        for opts in (["-vv"], ["--log-format", "json"], ["--config", "x.toml"]):
+            result = runner.invoke(main, [*path, *opts, "--help"])
+            assert result.exit_code == 0, (path, opts, result.output)

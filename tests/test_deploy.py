@@ -191,6 +191,13 @@ def test_daemonset_wiring(rendered):
     assert mounts[str(Path(doc["api"]["public_key"]).parent)] == "api-key"
     assert volumes["api-key"]["secret"]["secretName"] == "gthulhu-api-key"
     assert mounts[doc["push"]["state_dir"]] == "state"
+    # Locks and state on a writable volume (the root fs is read-only), the host's own /run/gtp5g-op.
+    state_mount = next(m for m in ctr["volumeMounts"] if m["name"] == "state")
+    assert not state_mount.get("readOnly") and ctr["securityContext"]["readOnlyRootFilesystem"] is True
+    assert volumes["state"]["hostPath"] == {"path": "/run/gtp5g-op", "type": "DirectoryOrCreate"}
+    # The metrics port binds the pod IP (the probes' and Prometheus' address), from the downward API.
+    assert ctr["args"][ctr["args"].index("--metrics-addr") + 1] == "$(POD_IP)"
+    assert env(objs)["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
 
 
 def test_configmap_toml_is_a_valid_gtp5g_op_config(rendered, tmp_path):

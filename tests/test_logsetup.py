@@ -119,3 +119,44 @@ def test_redact_leaves_ordinary_text_alone():
     assert redact(f"key: {pem} end") == f"key: {REDACTED} end"
     public = "-----BEGIN PUBLIC KEY-----\nMIIB\n-----END PUBLIC KEY-----"
     assert redact(public) == public  # the public key is not a secret
+
+
+# --- hostile text (issue 11 item 5, the log half) ----------------------------------------------------
+
+HOSTILE = "/tmp/x\ngtp5g-op: WARNING: forged line\r\x1b[2J\x1b]0;pwned\x07\u202eevil\u2028\udcff"
+
+
+def test_text_logs_escape_control_characters_so_no_line_can_be_forged(capture):
+    stream = capture("text")
+    log = logging.getLogger("gtp5g_op.trace.pipeline")
+    log.warning("rejected pid %d (%s): executable %s", 42, "nr-gnb\x1b[31m", HOSTILE)
+    try:
+        raise ValueError(f"bad path {HOSTILE}")
+    except ValueError:
+        log.exception("failed on %s", HOSTILE)
+    text = stream.getvalue()
+    lines = text.splitlines()
+    assert lines[0] == ("gtp5g-op: WARNING: rejected pid 42 (nr-gnb\\x1b[31m): executable /tmp/x\\ngtp5g-op: "
+                        "WARNING: forged line\\r\\x1b[2J\\x1b]0;pwned\\x07\\u202eevil\\u2028\\xff")
+    assert sum(line.startswith("gtp5g-op:") for line in lines) == 2  # no forged line
+    assert all(line.startswith("    ") for line in lines[2:])  # the traceback, indented
+    assert not any(c in text for c in "\r\x1b\x07\u202e\u2028")
+    assert "    ValueError: bad path /tmp/x\n    gtp5g-op: WARNING: forged line" in text  # indented, not forged
+
+
+def test_json_logs_stay_one_json_object_per_line_with_hostile_text(capture):
+    stream = capture("json")
+    logging.getLogger("gtp5g_op.x").warning("path %s", HOSTILE, extra={"fields": {"exe": HOSTILE}})
+    raw = stream.getvalue()
+    assert raw.count("\n") == 1 and "\x1b" not in raw
+    doc = json.loads(raw)
+    assert doc["msg"] == f"path {HOSTILE}" and doc["exe"] == HOSTILE  # escaped in JSON, exact when decoded
+
+
+def test_one_line_errors_escape_control_characters():
+    from gtp5g_op.errors import UsageError, escape_control
+
+    err = UsageError(f"replay file {HOSTILE} does not exist", "give a path")
+    line = err.one_line()
+    assert "\n" not in line and "\x1b" not in line and "\\x1b[2J" in line and "\\u202e" in line
+    assert escape_control("plain text, tabs\tand C:\\path") == "plain text, tabs\\tand C:\\path"

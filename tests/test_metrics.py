@@ -162,3 +162,121 @@ def test_concurrent_scrapes_do_not_block(served):
         start = time.monotonic()
         assert get(m.port, "/livez").status_code == 200
         assert time.monotonic() - start < 2
+
+
+# --- hostile scrapers (issue 11 item 8) ---------------------------------------------------------------
+
+def _other_local_ip() -> str | None:
+    """An IPv4 address of this host that is not loopback, if there is one."""
+    import psutil
+
+    for addrs in psutil.net_if_addrs().values():
+        for a in addrs:
+            if a.family == socket.AF_INET and not a.address.startswith("127."):
+                return a.address
+    return None
+
+
+def test_binds_loopback_by_default_and_only_ip_addresses():
+    from gtp5g_op.errors import UsageError
+
+    m = Metrics()
+    m.serve(0)
+    try:
+        assert get(m.port, "/livez").status_code == 200
+        other = _other_local_ip()
+        if other:
+            with socket.socket() as s:
+                s.settimeout(2)
+                assert s.connect_ex((other, m.port)) != 0, f"reachable on {other}"
+    finally:
+        m.stop()
+    with pytest.raises(UsageError, match="not an IP address"):
+        Metrics().serve(0, host="gthulhu.example; rm -rf /")
+    m6 = Metrics()
+    m6.serve(0, host="::1")
+    try:
+        assert requests.get(f"http://[::1]:{m6.port}/livez", timeout=5).status_code == 200
+    finally:
+        m6.stop()
+
+
+def test_330_idle_half_sent_requests_hold_no_threads_and_probes_still_answer(served):
+    import threading
+
+    m = served()
+    before = threading.active_count()
+    conns = []
+    try:
+        for _ in range(330):
+            c = socket.create_connection(("127.0.0.1", m.port))
+            c.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")  # never finished
+            conns.append(c)
+        time.sleep(0.5)
+        assert threading.active_count() - before <= 1, threading.active_count() - before
+        started = time.monotonic()
+        assert get(m.port, "/livez").status_code == 200 and get(m.port, "/healthz").status_code == 200
+        assert time.monotonic() - started < 1.0
+        # Per-connection timeout: the idle ones are closed by the server after IDLE_TIMEOUT (+1 s sweep).
+        from gtp5g_op.ops.metrics import IDLE_TIMEOUT
+
+        deadline = time.monotonic() + IDLE_TIMEOUT + 5
+        closed = 0
+        for c in conns:
+            c.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                closed += c.recv(1) == b""
+            except (TimeoutError, ConnectionResetError):
+                pass
+        assert closed == 330
+    finally:
+        for c in conns:
+            c.close()
+
+
+def test_a_client_dripping_bytes_is_cut_off_at_the_connection_age_limit(monkeypatch):
+    from gtp5g_op.ops import metrics as metrics_mod
+
+    monkeypatch.setattr(metrics_mod, "MAX_CONNECTION_AGE", 2.0)
+    m = Metrics()
+    m.serve(0)
+    try:
+        with socket.create_connection(("127.0.0.1", m.port)) as c:
+            c.settimeout(0.1)
+            started = time.monotonic()
+            request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100
+            for byte in request:  # one byte every 0.5 s: never idle long enough for IDLE_TIMEOUT
+                try:
+                    c.sendall(bytes([byte]))
+                except OSError:
+                    break
+                try:
+                    if c.recv(1) == b"":
+                        break
+                except TimeoutError:
+                    pass
+                time.sleep(0.4)
+            took = time.monotonic() - started
+        assert took < 2.0 + 1.0 + 1.5, took  # age limit, 1 s sweep, slack
+    finally:
+        m.stop()
+
+
+def test_stop_is_prompt_with_clients_connected(served):
+    m = Metrics()
+    m.serve(0)
+    c = socket.create_connection(("127.0.0.1", m.port))
+    c.sendall(b"GET /")
+    started = time.monotonic()
+    m.stop()
+    assert time.monotonic() - started < 3
+    c.close()
+
+
+def test_cli_metrics_addr_is_checked():
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    out = CliRunner().invoke(main, ["watch", "--replay", "--metrics-port", "0", "--metrics-addr", "localhost"])
+    assert out.exit_code == 2 and "is not an IP address" in out.output and "Traceback" not in out.output

@@ -249,8 +249,10 @@ def test_not_a_gtp5g_tree_is_refused(tmp_path, exports):
     (tmp_path / "Makefile").write_text("all:\n\ttrue\n")
     with pytest.raises(UsageError, match="does not look like a gtp5g source tree"):
         patcher.patch(tmp_path, exports)
-    with pytest.raises(UsageError, match="is not a directory"):
+    with pytest.raises(UsageError, match="gtp5g source tree .*/nope does not exist"):
         patcher.check(tmp_path / "nope", exports)
+    with pytest.raises(UsageError, match="Makefile is a regular file, not a directory"):
+        patcher.check(tmp_path / "Makefile", exports)
 
 
 def test_half_edited_trees_are_refused(v10, exports):

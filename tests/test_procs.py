@@ -288,10 +288,12 @@ def test_this_host_is_the_host_pid_namespace():
 
 def test_live_validation_in_a_container_pid_namespace_is_refused_in_one_line(tmp_path):
     """Trace pids are the host's; below it /proc shows other pids, so validating would reject them all."""
-    res = in_own_pid_namespace("watch", "--trace-pipe", "/dev/null", "--duration", "1")
+    empty = tmp_path / "empty.trace"
+    empty.write_bytes(b"")
+    res = in_own_pid_namespace("watch", "--trace-pipe", str(empty), "--duration", "1")
     assert res.returncode == 3 and res.stdout == ""
     assert res.stderr.count("\n") == 1 and "own PID namespace" in res.stderr and "hostPID: true" in res.stderr
-    res = in_own_pid_namespace("watch", "--trace-pipe", "/dev/null", "--duration", "1", "--no-validate", "--json")
+    res = in_own_pid_namespace("watch", "--trace-pipe", str(empty), "--duration", "1", "--no-validate", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["stats"]["lines"] == 0
     res = in_own_pid_namespace("tracer", "selftest")
     assert res.returncode == 3 and res.stderr.count("\n") == 1 and "own PID namespace" in res.stderr

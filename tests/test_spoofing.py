@@ -8,9 +8,11 @@ cannot read it).
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -192,3 +194,34 @@ def test_live_watch_pushes_no_spoofer_but_the_installed_target(selftest_probe, g
         report = finish(watch)
     assert report["rejected"].get("exe", 0) >= 1 and report["rejected"].get("untrusted", 0) >= 1
     assert not bad & {p["pid"] for p in report["processes"] if p["valid"]}
+
+
+@host_pids
+def test_a_hostile_executable_path_cannot_forge_log_lines(open_tmp, tmp_path):
+    """Item 5 (log half) end to end: a rejected spoofer whose path holds a newline and ESC, logged by a
+    real `watch -v` (text logs): one escaped line, no forged line, nothing for the terminal to act on."""
+    from conftest import open_fifo_writer
+
+    evil = open_tmp / "x\ngtp5g-op: WARNING: all good\x1b[2J"
+    evil.mkdir()
+    evil.chmod(0o777)
+    exe = planted_copy(evil)
+    fifo = tmp_path / "trace.fifo"
+    os.mkfifo(fifo)
+    watch = subprocess.Popen([sys.executable, "-m", "gtp5g_op", "watch", "-v", "--trace-pipe", str(fifo), "--json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        with Spoofer(exe) as s:
+            with open_fifo_writer(fifo, watch) as pipe:
+                pipe.write(f"nr-gnb-{s.pid} [000] ..s21 1.000000: bpf_trace_printk: stop: pid={s.pid} (nr-gnb)\n"
+                           .encode())
+            out, err = watch.communicate(timeout=20)  # end of input: the spoofer still runs
+    finally:
+        if watch.poll() is None:
+            watch.kill()
+            watch.communicate()
+    text = err.decode()
+    assert watch.returncode == 0, text[-1500:]
+    assert "\x1b" not in text and all(line.startswith("gtp5g-op: ") for line in text.splitlines()), text
+    assert "x\\ngtp5g-op: WARNING: all good\\x1b[2J" in text and "rejected pid" in text
+    assert json.loads(out)["rejected"] == {"untrusted": 1}

@@ -11,7 +11,7 @@ import pytest
 from hostile import NOBODY, as_user, open_tmp, require_root  # noqa: F401 - open_tmp is a fixture
 
 from gtp5g_op.errors import EXIT_ENV
-from gtp5g_op.gthulhu.sync import OwnershipStore
+from gtp5g_op.gthulhu.ownership import OwnershipStore
 from gtp5g_op.ops.statedir import MAX_READ, StateDir, StateDirError, check_name, default_state_dir
 
 
@@ -207,3 +207,46 @@ def test_read_only_file_system_is_one_line(tmp_path):
     assert out.returncode == 0, out.stderr
     assert "Read-only file system" in out.stdout and out.stdout.strip().endswith(" 3")
     assert "fix: point --state-dir" in out.stdout
+
+
+def test_a_live_watch_on_a_read_only_run_is_one_line_and_state_dir_fixes_it(tmp_path):
+    """Issue 11 item 4: /run read-only (readOnlyRootFilesystem, nothing mounted there) killed a live watch
+    with an OSError traceback. Replayed in a private mount namespace with an empty read-only /run."""
+    require_root()
+    import subprocess
+    import sys
+
+    name = f"gtp5g-op-ro-{os.getpid()}"
+    state = tmp_path / "state"
+    script = (f"mount -t tmpfs -o ro tmpfs /run || exit 99\n"
+              f"{sys.executable} -m gtp5g_op watch --duration 0.5 --no-validate --instance {name}; echo rc=$?\n"
+              f"{sys.executable} -m gtp5g_op watch --duration 0.5 --no-validate --instance {name} "
+              f"--state-dir {state} --json > /dev/null; echo rc=$?\n")
+    out = subprocess.run(["unshare", "-m", "sh", "-c", script], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["rc=3", "rc=0"], (out.stdout, out.stderr)
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("gtp5g-op: error: state directory /run/gtp5g-op: cannot open or create")
+    assert "Read-only file system" in lines[0] and "fix: point --state-dir" in lines[0]
+    assert not Path(f"/sys/kernel/tracing/instances/{name}").exists()
+    assert os.listdir(state / "lock") == []  # the second run took and released its lock there
+
+
+def test_strategies_push_with_an_unusable_state_dir_fails_before_touching_the_api(gthulhu_server, tmp_path):
+    """The ownership record could not be written afterwards: refuse first, so nothing is pushed unowned."""
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    bad = tmp_path / "ww"
+    bad.mkdir()
+    bad.chmod(0o777)
+    before = gthulhu_server.state()["strategies"]
+    out = CliRunner().invoke(main, ["strategies", "push", "--pid", str(os.getpid()), "--api-url", gthulhu_server.url,
+                                    "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
+    assert out.exit_code == 3 and "writable by group or others" in out.output, out.output
+    assert gthulhu_server.state()["strategies"] == before
+    listed = CliRunner().invoke(main, ["strategies", "list", "--json", "--api-url", gthulhu_server.url,
+                                       "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
+    assert listed.exit_code == 0, listed.output  # listing needs no state

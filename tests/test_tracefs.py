@@ -260,8 +260,10 @@ def test_stale_instance_held_open_gives_the_fix(root, name):
     assert not lock_file(name).exists()
 
 
-@pytest.mark.parametrize("bad", ["", "a/b", "..", "x" * 65, "sp ace"])
+@pytest.mark.parametrize("bad", ["", "a/b", "..", ".", ".hidden", "-x", "x" * 65, "sp ace", "name\n", "name\r",
+                                 "x\x00", "nr-gnb\x1b[2J", "ünï", 5])
 def test_bad_instance_names_are_usage_errors(bad):
+    """Issue 11 item 11: `--instance 'name\\n'` passed ("$" instead of "\\Z")."""
     with pytest.raises(UsageError):
         TraceInstance(bad)
 
@@ -403,3 +405,12 @@ def test_tail_permission_denied_names_the_fix(tmp_path):
     tmp_path.chmod(0o755)
     line = as_nobody(lambda: next(tail(path, threading.Event())))
     assert "permission denied reading" in line and "CAP_SYS_ADMIN" in line
+
+
+def test_cli_refuses_an_instance_name_with_a_newline():
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    out = CliRunner().invoke(main, ["watch", "--instance", "gtp5g-op\n", "--duration", "0.1"])
+    assert out.exit_code == 2 and "bad tracefs instance name 'gtp5g-op\\n'" in out.output

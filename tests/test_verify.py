@@ -150,11 +150,7 @@ def test_loader_names_the_btf_problem_not_just_not_loaded():
 def test_verify_a_directory_names_the_module_inside(tmp_path):
     with pytest.raises(UsageError, match="is a directory") as exc:
         verify.verify_ko(tmp_path)
-    assert exc.value.fix == "pass the gtp5g.ko file"
-    (tmp_path / "gtp5g.ko").write_bytes(b"x")
-    with pytest.raises(UsageError, match="is a directory") as exc:
-        verify.verify_ko(tmp_path)
-    assert exc.value.fix == f"pass {tmp_path / 'gtp5g.ko'}"
+    assert str(tmp_path / "gtp5g.ko") in exc.value.fix
     res = CliRunner().invoke(main, ["verify", str(tmp_path)])
     assert res.exit_code == 2 and res.output.startswith("gtp5g-op: error:") and "does not exist" not in res.output
 

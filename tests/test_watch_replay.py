@@ -58,9 +58,16 @@ def test_match_selects_targets():
 
 
 def test_validation_rejects_processes_of_another_machine():
-    """Without --no-validate, the pids of a capture are checked against this host: none is alive here."""
-    doc = json.loads(invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--json").stdout)
+    """With --validate, the pids of a capture are checked against this host: none is alive here, and the
+    report says why and what to do; the answer to "which of them run here?" is no (exit 1)."""
+    res = invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--validate", "--json")
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1
     assert doc["processes"] == [] and doc["rejected"] == {"dead": 3}
+    assert "3 had exited" in doc["problem"]["message"] and "without --validate" in doc["problem"]["fix"]
+    table = invoke("watch", "--replay", str(FIXTURES / "traces" / "gtp5g-tracer.trace"), "--validate")
+    assert table.exit_code == 1
+    assert "every traced target was rejected" in table.stdout and "fix: " in table.stdout
 
 
 def test_speed_replays_at_the_recorded_pace(tmp_path):
@@ -138,3 +145,45 @@ def test_replay_push_exits_nonzero_when_the_api_is_down(gthulhu_server, tmp_path
     assert res.exit_code == 4
     doc = json.loads(res.stdout)
     assert doc["push"]["final_push_ok"] is False and len(doc["processes"]) == 5
+
+
+def test_one_validation_rule(gthulhu_server, tmp_path, monkeypatch):
+    """A replay that only reports is not validated (the bundled capture's 23 threads show); one that pushes
+    is, so another machine's pids are not pushed by accident: every one rejected, said why, nothing pushed."""
+    doc = json.loads(invoke("watch", "--replay", "--json").stdout)
+    assert len(doc["processes"]) == 23 and "valid" not in doc["processes"][0] and "problem" not in doc
+    monkeypatch.setenv("GTP5G_OP_STATE_DIR", str(tmp_path / "state"))
+    res = CliRunner().invoke(main, ["watch", "--replay", "--json", "--push", *push_args(gthulhu_server)])
+    doc = json.loads(res.stdout)
+    assert res.exit_code == 1, res.output
+    assert doc["processes"] == [] and doc["rejected"] == {"dead": 23}
+    assert "23 had exited" in doc["problem"]["message"] and "--no-validate" in doc["problem"]["fix"]
+    assert gthulhu_server.pids() == set()
+
+
+def test_mostly_malformed_input_is_warned_with_the_ratio(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("".join(f"line {i} of something else\n" for i in range(40)))
+    res = CliRunner().invoke(main, ["watch", "--replay", str(notes), "--json"])
+    assert res.exit_code == 0
+    warning = "no line of the input is a trace event: 40 of 40 lines (100%) are malformed"
+    assert [line for line in res.stderr.splitlines() if line] == [
+        f"gtp5g-op: WARNING: {warning}; is this trace_pipe output?"]
+    assert json.loads(res.stdout)["warnings"] == [f"{warning}; is this trace_pipe output?"]
+    mixed = tmp_path / "mixed.trace"
+    good = (FIXTURES / "traces" / "scheduler.trace").read_text()
+    mixed.write_text(good + "garbage\n" * 30)
+    res = CliRunner().invoke(main, ["watch", "--replay", str(mixed), "--json"])
+    assert "the input is mostly not trace_pipe output: 30 of 42 lines (71%) are malformed" in res.stderr
+    # a normal capture, and a noisy one (4 of 23 lines malformed), are not warned about
+    for trace in ("--replay", f"--replay={FIXTURES / 'traces' / 'noisy-mixed.trace'}"):
+        res = CliRunner().invoke(main, ["watch", trace, "--json"])
+        assert res.stderr == "" and "warnings" not in json.loads(res.stdout)
+
+
+def test_garbage_on_a_trace_pipe_is_warned_once(tmp_path):
+    garbage = tmp_path / "pipe.txt"
+    garbage.write_bytes(b"\x01\x02 not a trace line\n" * 500)
+    res = CliRunner().invoke(main, ["watch", "--trace-pipe", str(garbage), "--no-validate", "--json"])
+    assert res.exit_code == 0, res.output
+    assert res.stderr.count("WARNING") == 1 and "500 of 500 lines (100%)" in res.stderr

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from gtp5g_op import userfiles
 from gtp5g_op.errors import UsageError
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
@@ -135,6 +136,15 @@ def _regex(value: Any, what: str, text: bool = False) -> str:
     return value
 
 
+def _target_match(value: Any, what: str, text: bool = False) -> str:
+    """The target regex; refused when it matches an empty comm (``''``, ``.*``): it would select anything."""
+    value = _regex(value, what, text)
+    if re.fullmatch(value, ""):
+        raise UsageError(f"{what} {value!r} matches an empty name, so it would select every process",
+                         "give the comms to target, e.g. --match '^(nr-gnb|nr-ue)$'")
+    return value
+
+
 def _duration(value: Any, what: str, text: bool) -> int:
     return parse_duration_ns(value, what)
 
@@ -188,7 +198,7 @@ KEYS: dict[str, tuple[str, str, Converter]] = {
     "ca_bundle": ("api", "ca_bundle", _path),
     "insecure": ("api", "insecure", _bool),
     "timeout": ("api", "timeout", _seconds(0.0, 3600.0)),
-    "match": ("targets", "match", _regex),
+    "match": ("targets", "match", _target_match),
     "exe_allow": ("targets", "exe_allow", _exe_patterns),
     "allow_user_writable_exe": ("targets", "allow_user_writable_exe", _bool),
     "uid_allow": ("targets", "uid_allow", _uid_list),
@@ -272,24 +282,26 @@ class Settings:
                 "no Gthulhu public key given",
                 "pass --public-key FILE, set GTP5G_OP_PUBLIC_KEY or api.public_key in the config file",
             )
-        try:
-            return self.public_key.read_bytes()
-        except OSError as exc:
-            raise UsageError(f"cannot read public key {self.public_key}: {exc.strerror}", "check the path") from None
+        text = userfiles.read_text(self.public_key, "public key", limit=64 << 10,
+                                   fix="check --public-key, GTP5G_OP_PUBLIC_KEY or api.public_key: the Gthulhu API "
+                                   "server's RSA public key (PEM)")
+        return text.encode()
+
+    def ca_bundle_path(self) -> str | None:
+        """``ca_bundle`` checked (a PEM file, or a directory of certificates as requests takes it)."""
+        if self.ca_bundle is None:
+            return None
+        fix = "give the PEM file of the CA that signed the API's certificate"
+        path = userfiles.check(self.ca_bundle, "CA bundle", kinds={userfiles.REGULAR, userfiles.DIRECTORY}, fix=fix)
+        if not path.is_dir():
+            userfiles.read_text(path, "CA bundle", limit=8 << 20, fix=fix)  # PEM is text: refuse binary data now
+        return str(path)
 
 
 def _read_file(path: Path) -> dict:
+    text = userfiles.read_text(path, "config file", fix="check --config / GTP5G_OP_CONFIG (see docs/config.md)")
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file {path} does not exist", "check --config / GTP5G_OP_CONFIG") from None
-    except IsADirectoryError:
-        raise UsageError(f"config file {path} is a directory", "give the path of a TOML file") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read config file {path}: {exc.strerror}", "check its path and mode") from None
-    except UnicodeDecodeError:
-        raise UsageError(f"config file {path} is not UTF-8 text", "save it as UTF-8 TOML") from None
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"config file {path} is not valid TOML: {exc}", "see docs/config.md") from None
 

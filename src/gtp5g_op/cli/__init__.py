@@ -13,6 +13,7 @@ import click
 
 from gtp5g_op import __version__
 from gtp5g_op.cli.common import GLOBAL, shared_options
+from gtp5g_op.cli.errorpath import OneErrorPath
 
 _EXAMPLES = "\b\nExamples:"
 
@@ -49,8 +50,13 @@ class LazyGroup(click.Group):
         return super().get_command(ctx, cmd_name)
 
 
+class RootGroup(OneErrorPath, LazyGroup):
+    """The ``gtp5g-op`` group: lazily loaded sub-commands, one error path (cli/errorpath.py)."""
+
+
 @click.group(
-    cls=LazyGroup,
+    "gtp5g-op",
+    cls=RootGroup,
     lazy={
         "watch": "gtp5g_op.cli.watch:watch",
         "strategies": "gtp5g_op.cli.strategies:strategies",
@@ -88,6 +94,7 @@ examples_last(main)
         "module": "gtp5g_op.cli.module:build_module",
     },
 )
+@shared_options(*GLOBAL)
 def build() -> None:
     """Build the BPF tracer or the gtp5g kernel module.
 

@@ -8,12 +8,15 @@ with :func:`shared_values`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
 import click
 from click.core import ParameterSource
+
+from gtp5g_op import userfiles
 
 _KEY = "gtp5g_op.shared"
 
@@ -104,3 +107,38 @@ def setup_logs(ctx: click.Context) -> None:
 
     given = shared_values(ctx)
     setup_logging(given.get("verbose", 0), given.get("log_format") or "text")
+
+
+def command_options(*specs: OptionSpec) -> Callable[[Callable], Callable]:
+    """:func:`shared_options` for a leaf command that also sets up logging (-v, --log-format) before it runs."""
+
+    def decorate(func: Callable) -> Callable:
+        @functools.wraps(func)
+        def with_logs(*args: Any, **kwargs: Any) -> Any:
+            setup_logs(click.get_current_context())
+            return func(*args, **kwargs)
+
+        return shared_options(*specs)(with_logs)
+
+    return decorate
+
+
+class UserPath(click.ParamType):
+    """A path option or argument checked by :mod:`gtp5g_op.userfiles` (the same one-line errors everywhere).
+
+    ``what`` names it in errors (``"export set"``); ``kinds`` are the acceptable kinds of file; with
+    ``must_exist=False`` only an existing path of the wrong kind is refused (an output directory).
+    """
+
+    name = "path"
+
+    def __init__(self, what: str, kinds: Collection[str] = userfiles.FILES, must_exist: bool = True,
+                 fix: str | None = None):
+        self.what, self.kinds, self.must_exist, self.fix = what, frozenset(kinds), must_exist, fix
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
+        path = Path(value).expanduser()
+        if self.must_exist or path.exists():
+            userfiles.check(path, self.what, kinds=self.kinds, readable=self.must_exist, fix=self.fix)
+        return path
+

@@ -6,10 +6,12 @@ import json
 import sys
 
 import click
-from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.output import Col, fit_table, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.config import load_settings
 from gtp5g_op.errors import EXIT_FAIL, cli_errors
 from gtp5g_op.ops import doctor as checks
@@ -39,14 +41,23 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"ready": ready, "checks": [c.as_dict() for c in results]}))
     else:
-        table = Table(title="gtp5g-op doctor")
-        for col in ("check", "status", "detail", "fix"):
-            table.add_column(col, overflow="fold")
-        for c in results:
-            status = c.status if c.required else f"{c.status} (optional)"
-            fix = "" if c.status == checks.OK else c.fix
-            table.add_row(c.name, f"[{_STYLE[c.status]}]{status}[/]", c.detail, fix)
-        Console().print(table)
-        click.echo("ready" if ready else "not ready: see the fix column")
+        console = make_console()
+        console.print(doctor_table(results, console.width))
+        click.echo("ready" if ready else "not ready: see each fix above")
     if not ready:
         sys.exit(EXIT_FAIL)
+
+
+def doctor_table(results: list, width: int) -> Table:
+    """Check and status whole; the detail, then the fix, wrap between words (a URL or path stays whole)."""
+    cols = [Col("check", key=True), Col("status", key=True, wrap=True), Col("detail", key=True, wrap=True)]
+    rows = []
+    for c in results:
+        status = Text(c.status, style=_STYLE[c.status])
+        if not c.required:
+            status.append(" (optional)", style="dim")
+        detail = text(c.detail)
+        if c.status != checks.OK and c.fix:
+            detail.append("\nfix: ", style="bold").append_text(text(c.fix))
+        rows.append([text(c.name), status, detail])
+    return fit_table(Text("gtp5g-op doctor"), cols, rows, width)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 import click
@@ -10,10 +11,12 @@ from rich.console import Console
 from rich.table import Table
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.cli.output import text
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
 from gtp5g_op.errors import cli_errors
 from gtp5g_op.gthulhu import sync
 from gtp5g_op.gthulhu.ownership import OwnershipStore
+from gtp5g_op.ops.statedir import StateDirError
 
 
 def _settings(ctx: click.Context, **flags: Any) -> Settings:
@@ -23,7 +26,10 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
 
 
 def _store(settings: Settings) -> OwnershipStore:
-    return OwnershipStore(settings.api_url, settings.state_dir)
+    """The ownership file; an unusable state directory is an error now, before the API is changed."""
+    store = OwnershipStore(settings.api_url, settings.state_dir)
+    store.dir.ensure()
+    return store
 
 
 def _emit_json(doc: Any) -> None:
@@ -67,12 +73,17 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         _emit_json(entries)
         return
-    rows = sync.describe(entries, _store(settings).load())
-    table = Table(title=f"Gthulhu strategies at {settings.api_url}")
+    try:
+        owners = _store(settings).load()
+    except StateDirError as exc:  # listing needs no state: say who owns what as far as is known
+        logging.getLogger(__name__).warning("owners unknown: %s", exc.one_line())
+        owners = {}
+    rows = sync.describe(entries, owners)
+    table = Table(title=text(f"Gthulhu strategies at {settings.api_url}"))
     for name in ("PID", "comm", "state", "priority", "exec time", "selectors", "command regex", "owner"):
         table.add_column(name, justify="right" if name == "PID" else "left")
-    for row in rows:
-        table.add_row(
+    for row in rows:  # the server's strings and comms are shown as text, never as rich markup
+        table.add_row(*(text(cell) for cell in (
             str(row["pid"] or "-"),
             row["comm"] or "-",
             row["state"] or "not here",
@@ -81,7 +92,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
             row["selectors"] or "-",
             row["command_regex"] or "-",
             row["owner"],
-        )
+        )))
     console = Console()
     if not console.is_terminal:  # piped: do not squeeze the table into 80 columns
         console.width = max(console.width, 120)

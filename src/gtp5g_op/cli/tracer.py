@@ -11,11 +11,12 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import click
-from rich.console import Console
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
-from gtp5g_op.cli.common import Number
+from gtp5g_op.cli.common import GLOBAL, Number, UserPath, command_options, shared_options
+from gtp5g_op.cli.output import Col, fit_table, safe, text
+from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
 from gtp5g_op.kernel.selftest import run_gtp5g_selftest, run_selftest
@@ -24,6 +25,7 @@ from gtp5g_op.kernel.tracer_build import default_out_dir
 
 _DIR = click.Path(file_okay=False, path_type=Path)
 _OBJ = click.Path(dir_okay=False, exists=True, path_type=Path)
+_BPF_OBJ = UserPath("BPF object", fix="give a .bpf.o that gtp5g-op build tracer wrote")
 
 
 def report_table(results: Iterable[ProgramResult]) -> Table:
@@ -32,8 +34,8 @@ def report_table(results: Iterable[ProgramResult]) -> Table:
     for col in ("hook", "program", "attached", "why not"):
         table.add_column(col, overflow="fold")
     for r in results:
-        table.add_row(f"{r.kind}/{r.function}", r.name, "[green]yes[/]" if r.attached else "[red]no[/]",
-                      r.error)
+        table.add_row(text(f"{r.kind}/{r.function}"), text(r.name),
+                      Text("yes", style="green") if r.attached else Text("no", style="red"), text(r.error or ""))
     return table
 
 
@@ -49,6 +51,7 @@ def _wait_for_signal(duration: float | None) -> None:
 
 
 @click.group("tracer")
+@shared_options(*GLOBAL)
 def tracer() -> None:
     """Run the bundled BPF tracer on gtp5g, or prove the BPF path with a selftest.
 
@@ -61,13 +64,14 @@ def tracer() -> None:
 
 
 @tracer.command("run")
-@click.option("--obj", type=_OBJ, help="A built gtp5g.bpf.o (default: build into --build-dir if needed).")
+@click.option("--obj", type=_BPF_OBJ, help="A built gtp5g.bpf.o (default: build into --build-dir if needed).")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--program", "programs", multiple=True,
               help="Only this program (repeatable), e.g. gtp5g_encap_recv_entry.")
 @click.option("--duration", type=Number(0, 1e9, min_open=False),
               help="Detach after this many seconds (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the per-program report as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], duration: float | None,
         as_json: bool) -> None:
@@ -88,7 +92,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
         if as_json:
             click.echo(json.dumps({"attached": len(bpf.attached), "programs": [r.to_dict() for r in report]}))
         else:
-            Console().print(report_table(report))
+            make_console().print(report_table(report))
         if not bpf.attached:
             raise OpError("no tracer program attached", fix="see why in the report above")
         if not as_json:
@@ -102,7 +106,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
 @tracer.command("selftest")
 @click.option("--gtp5g", "gtp5g", is_flag=True,
               help="Test the real tracer on the loaded gtp5g: throwaway device, session and GTP-U traffic.")
-@click.option("--obj", type=_OBJ, help="A built selftest.bpf.o (gtp5g.bpf.o with --gtp5g) [default: build].")
+@click.option("--obj", type=_BPF_OBJ, help="A built selftest.bpf.o (gtp5g.bpf.o with --gtp5g) [default: build].")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
               help="Seconds to wait for the probe's lines (with --gtp5g: for the last hook's line).")
@@ -114,6 +118,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
 @click.option("--instance", default=None, help="tracefs instance name [default: gtp5g-op-selftest; "
                                                 "with --gtp5g gtp5g-op-st5g-<pid>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def selftest(gtp5g: bool, obj: Path | None, build_dir: Path | None, timeout: float, packets: int,
              enable_qos: bool, instance: str | None, as_json: bool) -> None:
@@ -152,23 +157,20 @@ def selftest(gtp5g: bool, obj: Path | None, build_dir: Path | None, timeout: flo
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
-        console = Console()
-        table = Table(title="tracer selftest" + (" on gtp5g" if gtp5g else ""), title_justify="left")
-        for col in ("step", "result", "detail"):
-            table.add_column(col, overflow="fold")
-        marks = {True: "[green]pass[/]", False: "[red]FAIL[/]", None: "[dim]skipped[/]"}
-        for s in result.steps:
-            table.add_row(s.name, marks[s.ok], escape(s.detail))
-        console.print(table)
+        marks = {True: Text("pass", style="green"), False: Text("FAIL", style="red"),
+                 None: Text("skipped", style="dim")}
+        console = make_console()
+        cols = [Col("step", key=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
+        rows = [[text(s.name), marks[s.ok], text(s.detail)] for s in result.steps]
+        console.print(fit_table(Text("tracer selftest" + (" on gtp5g" if gtp5g else "")), cols, rows,
+                                console.width))
         if gtp5g and result.hooks:
-            hooks = Table(title="hooks", title_justify="left")
-            for col in ("hook", "lines", "from gNB", "note"):
-                hooks.add_column(col, overflow="fold")
-            for h in result.hooks:
-                hooks.add_row(h.hook, str(h.lines), str(h.from_gnb), escape(h.note))
-            console.print(hooks)
+            cols = [Col("hook", key=True), Col("lines", key=True), Col("from gNB", key=True),
+                    Col("note", min=12, wrap=True)]
+            rows = [[text(h.hook), str(h.lines), str(h.from_gnb), text(h.note)] for h in result.hooks]
+            console.print(fit_table(Text("hooks"), cols, rows, console.width))
         for line in result.lines:
-            click.echo(line)
+            click.echo(safe(line))
     if not result.ok:
         raise SystemExit(EXIT_FAIL)
 
@@ -192,6 +194,7 @@ def _sigterm_as_interrupt() -> Iterator[None]:
               help="The kernel's BTF, for vmlinux.h.")
 @click.option("--module-btf", type=_OBJ, help="gtp5g's BTF [default: /sys/kernel/btf/gtp5g when loaded].")
 @click.option("--json", "as_json", is_flag=True, help="Print the built objects as JSON.")
+@command_options(*GLOBAL)
 @cli_errors
 def build_tracer(out_dir: Path | None, kernel_btf: Path, module_btf: Path | None, as_json: bool) -> None:
     """Build the BPF tracer: vmlinux.h with bpftool, then clang for gtp5g.bpf.o and selftest.bpf.o.

@@ -8,8 +8,33 @@ import sys
 import click
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
-from gtp5g_op.errors import cli_errors
+from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) not in (None, click.core.ParameterSource.DEFAULT)
+
+
+def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool) -> None:
+    """Options that would be silently ignored with the others given are refused instead."""
+    if opts.trace_pipe or opts.replay is not None:
+        source = "--trace-pipe" if opts.trace_pipe else "--replay"
+        for name in ("instance", "buffer_kb"):
+            if _given(ctx, name):
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} sets up the private tracefs instance, which {source} does not use",
+                                 f"drop {flag} or {source}")
+    checks = [flag for flag, given in (("--exe-allow", exe_allow_flag), ("--uid-allow", _given(ctx, "uid_allow")),
+                                        ("--allow-user-writable-exe", _given(ctx, "allow_user_writable_exe")))
+              if given]
+    if checks and not opts.validating:
+        flag = checks[0]
+        if opts.validate is False:
+            raise UsageError(f"{flag} applies to validated processes only, and --no-validate turns "
+                             "validation off", f"drop --no-validate or {flag}")
+        raise UsageError(f"{flag} applies to validated processes only, and a replay that does not push "
+                         "is not validated", "add --validate to check the replayed pids against this host")
 
 
 @click.command()
@@ -25,7 +50,9 @@ from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 @click.option("--instance", default="gtp5g-op", show_default=True, help="Name of the private tracefs instance.")
 @click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
-@click.option("--no-validate", is_flag=True, help="Trust the trace: skip the live-process checks (for captures).")
+@click.option("--validate/--no-validate", default=None,
+              help="Check every subject against this host's processes. [default: on, except for a --replay "
+              "without --push]")
 @click.option("--exe-allow", metavar="PATH", multiple=True,
               help="Accept only these executables: absolute paths, '*' within one level (repeatable). "
               "[default: any root-owned executable named like a target]")
@@ -34,7 +61,7 @@ from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 @click.option("--uid-allow", metavar="UID", type=click.IntRange(0, 2**32 - 2), multiple=True,
               help="Accept only processes whose real uid is one of these (repeatable). [default: any]")
 @click.option("--threads/--no-threads", default=None, help="Cover every thread of a target process. [default: on]")
-@click.option("--speed", type=Number(0, 1e6), help="Replay at this many times the recorded pace.")
+@click.option("--speed", type=Number(0, 1e6), metavar="X", help="Replay at this many times the recorded pace.")
 @click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
@@ -44,6 +71,8 @@ from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)
 @click.option("--metrics-port", type=click.IntRange(0, 65535), help="Serve Prometheus /metrics and /healthz here.")
+@click.option("--metrics-addr", metavar="IP", default="127.0.0.1", show_default=True,
+              help="Address the metrics port binds (the pod IP in Kubernetes; 0.0.0.0 for every interface).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON report at exit instead of tables.")
 @click.option("--no-accel", is_flag=True, hidden=True, help="Use the pure-Python parser (for comparisons).")
 @click.pass_context
@@ -53,11 +82,14 @@ def watch(ctx: click.Context, **kw) -> None:
 
     Reads a private tracefs instance by default (other readers of the global trace_pipe are not
     disturbed), validates every subject against the live process table, and prints a summary at exit.
+    A --replay only reports what the capture holds, unless --validate is given; a replay that pushes
+    is validated unless --no-validate is given.
 
     \b
     Examples:
       gtp5g-op watch --replay                              # the bundled lab capture
-      gtp5g-op watch --replay lab.trace.gz --no-validate --json
+      gtp5g-op watch --replay lab.trace.gz --json          # what a capture holds
+      gtp5g-op watch --replay lab.trace.gz --validate      # which of its processes run here
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
@@ -84,8 +116,6 @@ def watch(ctx: click.Context, **kw) -> None:
     if kw["push"]:
         from gtp5g_op.gthulhu.sync import make_pusher
 
-        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
-
         def pusher_factory():
             pusher = make_pusher(settings)
             pusher.start()
@@ -98,7 +128,7 @@ def watch(ctx: click.Context, **kw) -> None:
         state_dir=settings.state_dir,
         buffer_kb=kw["buffer_kb"],
         match=settings.match,
-        validate=not kw["no_validate"],
+        validate=kw["validate"],
         exe_allow=settings.exe_allow,
         allow_user_writable_exe=settings.allow_user_writable_exe,
         uid_allow=settings.uid_allow,
@@ -110,8 +140,16 @@ def watch(ctx: click.Context, **kw) -> None:
         pusher_factory=pusher_factory,
         with_tracer=kw["with_tracer"],
         metrics_port=kw["metrics_port"],
+        metrics_addr=kw["metrics_addr"],
         accelerate=not kw["no_accel"],
     )
+    if kw["metrics_port"] is not None:
+        from gtp5g_op.ops.metrics import check_addr
+
+        check_addr(kw["metrics_addr"])
+    _refuse_ignored(ctx, opts, bool(kw["exe_allow"]))
+    if kw["push"]:
+        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
     view = None
     if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
         from gtp5g_op.cli.liveview import LiveView

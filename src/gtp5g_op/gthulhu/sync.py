@@ -439,7 +439,7 @@ def make_client(settings: Settings, retries: int = 2) -> GthulhuClient:
     return GthulhuClient(
         settings.api_url,
         settings.public_key_pem(),
-        ca_bundle=str(settings.ca_bundle) if settings.ca_bundle else None,
+        ca_bundle=settings.ca_bundle_path(),
         insecure=settings.insecure,
         timeout=(min(3.05, settings.timeout), settings.timeout),
         retries=retries,

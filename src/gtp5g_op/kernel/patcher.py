@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gtp5g_op import DATA_DIR
+from gtp5g_op import DATA_DIR, userfiles
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 
 log = logging.getLogger(__name__)
@@ -80,10 +80,11 @@ def default_set_path() -> Path:
 def load_export_set(path: Path | None = None, extra: Sequence[str] = ()) -> ExportSet:
     """Read an export set TOML file; ``extra`` names are added as required, un-static-able functions."""
     path = path or default_set_path()
+    text = userfiles.read_text(path, "export set", fix="give an export set TOML file like patches/gtp5g-exports.toml")
     try:
-        doc = tomllib.loads(Path(path).read_text())
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise UsageError(f"cannot read export set {path}: {exc}", fix="check the file's TOML syntax") from exc
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"export set {path} is not valid TOML: {exc}", fix="check the file's TOML syntax") from exc
     meta = doc.get("set", {})
     specs: dict[str, ExportSpec] = {}
     for item in doc.get("function", []):
@@ -369,9 +370,8 @@ def is_gtp5g_tree(root: Path) -> bool:
 
 
 def _require_tree(root: Path) -> Path:
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise UsageError(f"{root} is not a directory", fix="pass --src with the gtp5g source directory")
+    root = userfiles.check(Path(root).expanduser(), "gtp5g source tree", kinds={userfiles.DIRECTORY},
+                           fix="pass --src with the top directory of a gtp5g checkout")
     if not is_gtp5g_tree(root):
         raise UsageError(
             f"{root} does not look like a gtp5g source tree (no Makefile building gtp5g.o "

@@ -20,6 +20,7 @@ from elftools.common.exceptions import ELFError
 from elftools.elf.elffile import ELFFile
 from elftools.elf.sections import SymbolTableSection
 
+from gtp5g_op import userfiles
 from gtp5g_op.errors import EnvironmentProblem, UsageError
 
 log = logging.getLogger(__name__)
@@ -226,16 +227,14 @@ def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None
     required = names is not None
     names = list(names or default_functions())
     ko = Path(ko)
-    if ko.is_dir():
-        hint = f"{ko / 'gtp5g.ko'}" if (ko / "gtp5g.ko").is_file() else "the gtp5g.ko file"
-        raise UsageError(f"{ko} is a directory, not a module file", fix=f"pass {hint}")
-    if not ko.is_file():
-        raise UsageError(f"{ko} does not exist", fix="build it first: gtp5g-op build module --src DIR")
+    fix = (f"give the module file in it: gtp5g-op verify {ko / 'gtp5g.ko'}" if ko.is_dir()
+           else "build it first: gtp5g-op build module --src DIR")
+    userfiles.check(ko, "module", fix=fix)
     global_funcs: set[str] = set()
     any_funcs: set[str] = set()
     ksymtab: set[str] = set()
     try:
-        with open(ko, "rb") as fh:
+        with userfiles.open_binary(ko, "module") as fh:
             elf = ELFFile(fh)
             symtab = elf.get_section_by_name(".symtab")
             if not isinstance(symtab, SymbolTableSection):

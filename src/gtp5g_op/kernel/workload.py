@@ -253,4 +253,6 @@ def main(name: str, threads: int, thread_name: str | None, rate: float, duration
 
 
 if __name__ == "__main__":
-    main()
+    from gtp5g_op.cli.errorpath import run as run_with_one_error_path
+
+    run_with_one_error_path(main)

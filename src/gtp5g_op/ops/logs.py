@@ -1,5 +1,10 @@
 """Logging set-up: plain text for people, one JSON object per line for daemons; secrets never reach either.
 
+Text lines are ``gtp5g-op: LEVEL: message``, one per record: control characters in the message (a path
+or comm with a newline, CR or ESC) are escaped (``\\n``, ``\\x1b``), so no input can forge a log line or
+drive the terminal; a traceback follows on lines indented by four spaces, escaped the same way.
+JSON lines are JSON (``json.dumps`` escapes every control character).
+
 JSON lines always start with the keys of :data:`JSON_KEYS` in that order; extra fields passed with
 ``log.info("...", extra={"fields": {...}})`` follow (they cannot override the fixed keys), then ``exc``
 when an exception is logged. A :class:`RedactingFilter` on the handler replaces anything that looks
@@ -15,6 +20,8 @@ import re
 import sys
 import time
 from typing import Any
+
+from gtp5g_op.errors import escape_control
 
 # Keys every JSON log line carries, in this order; extra fields passed with ``extra={"fields": {...}}``.
 JSON_KEYS = ("ts", "level", "logger", "msg")
@@ -92,6 +99,19 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, default=str)
 
 
+class TextFormatter(logging.Formatter):
+    """``gtp5g-op: LEVEL: message`` with the message escaped to one line; a traceback indented below."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"gtp5g-op: {record.levelname}: {escape_control(record.getMessage())}"
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.formatException(record.exc_info)
+        for block in (record.exc_text, record.stack_info and self.formatStack(record.stack_info)):
+            if block:
+                text += "".join(f"\n    {escape_control(line)}" for line in block.splitlines())
+        return text
+
+
 def setup_logging(verbose: int = 0, fmt: str = "text") -> None:
     """Configure the root logger on stderr; ``fmt`` is ``text`` or ``json``."""
     level = logging.WARNING - 10 * min(verbose, 2)
@@ -99,7 +119,7 @@ def setup_logging(verbose: int = 0, fmt: str = "text") -> None:
     if fmt == "json":
         handler.setFormatter(JsonFormatter())
     else:
-        handler.setFormatter(logging.Formatter("gtp5g-op: %(levelname)s: %(message)s"))
+        handler.setFormatter(TextFormatter())
     handler.addFilter(RedactingFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

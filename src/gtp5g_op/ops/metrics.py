@@ -8,16 +8,26 @@ The pipeline owns one :class:`Metrics` and feeds it deltas; ``watch --metrics-po
   recent; 503 with the reason otherwise (Kubernetes readiness);
 * ``/livez``: the trace-pipe half of the rule only (Kubernetes liveness: restarting the watcher does
   not bring an unreachable Gthulhu API back, so a push outage should make the pod unready, not kill it).
+
+It binds 127.0.0.1 unless told otherwise (the DaemonSet binds the pod IP). Scrapers and probes may be
+hostile too: connections are read by waitress's event loop, so an idle or half-sent request holds no
+thread; a fixed pool of ``HTTP_THREADS`` threads runs complete requests; a connection idle for
+``IDLE_TIMEOUT`` seconds, or open longer than ``MAX_CONNECTION_AGE`` without a request in progress
+(a client dripping one byte at a time), is closed; at most ``MAX_CONNECTIONS`` are open at once.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterable
-from socketserver import ThreadingMixIn
-from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from waitress import wasyncore
+from waitress.adjustments import Adjustments
+from waitress.server import TcpWSGIServer
+from waitress.task import ThreadedTaskDispatcher
 
 from prometheus_client import (
     CollectorRegistry,
@@ -38,6 +48,13 @@ DEFAULT_READ_MAX_AGE = 30.0
 PUSH_AGE_FACTOR = 3.0
 #: Push latency buckets (seconds): a loopback push takes milliseconds, a retried one seconds.
 PUSH_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+#: The HTTP endpoint's limits (see the module doc).
+DEFAULT_ADDR = "127.0.0.1"
+HTTP_THREADS = 4
+IDLE_TIMEOUT = 5  # seconds (waitress takes whole seconds)
+MAX_CONNECTION_AGE = 30.0
+MAX_CONNECTIONS = 1000
+MAX_REQUEST_HEADER = 16 * 1024
 
 Health = Callable[[], tuple[bool, str]]
 
@@ -174,11 +191,12 @@ class Metrics:
 
     # -- HTTP -------------------------------------------------------------------------------------
 
-    def serve(self, port: int = 0, host: str = "0.0.0.0", health: Health | None = None) -> MetricsServer:
+    def serve(self, port: int = 0, host: str = DEFAULT_ADDR, health: Health | None = None) -> MetricsServer:
         """Start the HTTP endpoint in a background thread; ``port=0`` picks a free port (see ``.port``).
 
-        ``health`` replaces :meth:`health` for ``/healthz`` when given. Raises :class:`EnvironmentProblem`
-        when the address cannot be bound.
+        ``host`` is an IP address (``0.0.0.0`` or ``::`` for every interface). ``health`` replaces
+        :meth:`health` for ``/healthz`` when given. Raises :class:`EnvironmentProblem` when the address
+        cannot be bound, :class:`UsageError` when it is not an IP address.
         """
         if self._server is not None:
             raise UsageError("the metrics endpoint is already being served", "call stop() first")
@@ -197,48 +215,59 @@ class Metrics:
             self._server = None
 
 
-class _ThreadingWSGIServer(ThreadingMixIn, WSGIServer):
-    """One thread per request, so a slow scraper cannot block a liveness probe."""
+def check_addr(host: str) -> str:
+    """``host`` if it is an IP address literal, else a UsageError naming the fix."""
+    try:
+        return str(ipaddress.ip_address(host))
+    except ValueError:
+        raise UsageError(f"--metrics-addr {host!r} is not an IP address",
+                         "give an address of this host, e.g. 127.0.0.1, the pod IP, or 0.0.0.0 for all") from None
 
-    daemon_threads = True
-    allow_reuse_address = True
 
+class _Server(TcpWSGIServer):
+    """waitress's server, also closing connections that stay open too long without a request to serve."""
 
-class _QuietHandler(WSGIRequestHandler):
-    """Send the per-request access log to ``logging`` at debug level instead of stderr."""
-
-    def log_message(self, format: str, *args) -> None:
-        log.debug("metrics http: " + format, *args)
+    def maintenance(self, now: float) -> None:
+        super().maintenance(now)  # closes channels idle for longer than channel_timeout
+        for channel in list(self.active_channels.values()):
+            if not channel.requests and now - channel.creation_time > MAX_CONNECTION_AGE:
+                channel.will_close = True
 
 
 class MetricsServer:
-    """``/metrics``, ``/healthz`` and ``/livez`` on one port.
+    """``/metrics``, ``/healthz`` and ``/livez`` on one address.
 
-    prometheus-client's own ``start_http_server`` serves metrics only, so its WSGI app
-    (``make_wsgi_app``: content negotiation, gzip, ``name[]`` filters) is mounted here beside two
-    health routes on the standard library's WSGI server, threaded the same way prometheus-client does.
+    prometheus-client's own ``start_http_server`` serves metrics only and runs a thread per connection,
+    so its WSGI app (``make_wsgi_app``: content negotiation, gzip, ``name[]`` filters) is mounted here
+    beside two health routes on waitress, whose event loop reads requests without a thread each.
     """
 
     def __init__(self, metrics: Metrics, host: str, port: int, health: Health):
         self._metrics_app = make_wsgi_app(metrics.registry)
         self._health = health
         self._live = metrics.live
+        host = check_addr(host)
+        adj = Adjustments(host=host, port=port, threads=HTTP_THREADS, channel_timeout=IDLE_TIMEOUT,
+                          cleanup_interval=1, connection_limit=MAX_CONNECTIONS,
+                          max_request_header_size=MAX_REQUEST_HEADER, max_request_body_size=1024,
+                          asyncore_use_poll=True, asyncore_loop_timeout=1, ident="gtp5g-op")
+        self._map: dict = {}
+        self._dispatcher = ThreadedTaskDispatcher()
+        self._dispatcher.set_thread_count(HTTP_THREADS)
         try:
-            self._httpd = make_server(
-                host, port, self._app, server_class=_ThreadingWSGIServer, handler_class=_QuietHandler
-            )
+            self._httpd = _Server(self._app, self._map, dispatcher=self._dispatcher, adj=adj,
+                                  sockinfo=adj.listen[0])
         except OSError as exc:
+            self._dispatcher.shutdown(timeout=1)
             raise EnvironmentProblem(
                 f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}",
-                "choose another --metrics-port (0 picks a free one) or stop what holds the port",
+                "choose another --metrics-port (0 picks a free one) or --metrics-addr, or stop what holds the port",
             ) from exc
         self.host = host
-        self.port: int = self._httpd.server_port
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.5}, name="metrics-http", daemon=True
-        )
+        self.port: int = int(self._httpd.effective_port)
+        self._thread = threading.Thread(target=self._httpd.run, name="metrics-http", daemon=True)
         self._thread.start()
-        log.info("serving metrics on http://%s:%d/metrics", host, self.port)
+        log.info("serving metrics on http://%s/metrics", f"[{host}]:{self.port}" if ":" in host else f"{host}:{self.port}")
 
     def _app(self, environ: dict, start_response: Callable):
         path = environ.get("PATH_INFO", "/")
@@ -256,7 +285,7 @@ class MetricsServer:
         return [body]
 
     def stop(self) -> None:
-        """Shut the server down and wait for its thread."""
-        self._httpd.shutdown()
-        self._httpd.server_close()
-        self._thread.join(timeout=5)
+        """Close every connection and the listening socket; the loop ends within its 1 s poll timeout."""
+        self._dispatcher.shutdown(timeout=1)
+        wasyncore.close_all(self._map)
+        self._thread.join(timeout=2)

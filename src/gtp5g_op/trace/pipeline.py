@@ -20,6 +20,7 @@ FORGET_AT_ONCE = frozenset({"dead", "idle", "reused"})
 MAX_EXITED = 1024
 MAX_REJECTED = 4096
 RECHECKS_PER_REFRESH = 256
+REJECTED_SUBJECTS_MAX = 1000  # distinct rejected subjects remembered per reason, for the explanation
 
 
 class Validator(Protocol):
@@ -59,7 +60,8 @@ class Pipeline:
         self.metrics = metrics
         self.threads = threads and validator is not None
         self.records: dict[tuple[int, str], ProcessRecord] = {}
-        self.rejected: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}  # rejections by reason code (a subject may recur)
+        self.rejected_subjects: dict[str, set[tuple[int, str]]] = {}  # distinct, bounded
         self._exited: OrderedDict[tuple[int, str], None] = OrderedDict()  # keys of exited records, oldest first
         self._rejected_keys: OrderedDict[tuple[int, str], None] = OrderedDict()  # live rejected records
         self.exited_forgotten = 0  # exited records dropped to stay within MAX_EXITED
@@ -69,6 +71,7 @@ class Pipeline:
         self.overruns: int | None = None  # lines the trace instance overwrote (live, private instance)
         self.boot_clock = False  # trace timestamps are CLOCK_BOOTTIME: pass them to pid-reuse checks
         self.tracer: list[dict] | None = None  # per-program report of the loaded tracer
+        self.garbage_warned = False  # the "not a trace" warning was given while reading
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -125,9 +128,14 @@ class Pipeline:
         rec.valid, rec.reason, rec.reason_code = False, verdict.reason, verdict.code
         rec.create_time = verdict.create_time
         self.rejected[verdict.code] = self.rejected.get(verdict.code, 0) + 1
+        subjects = self.rejected_subjects.setdefault(verdict.code, set())
+        if len(subjects) < REJECTED_SUBJECTS_MAX:
+            subjects.add((rec.pid, rec.comm))
         if self.metrics is not None:
             self.metrics.observe_rejected([verdict.code])
-        log.info("rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
+        # Gone processes are churn (debug); a live subject refused is worth saying (info).
+        log.log(logging.DEBUG if verdict.code in FORGET_AT_ONCE else logging.INFO,
+                "rejected pid %d (%s): %s", rec.pid, rec.comm, verdict.reason)
 
     def _validate(self, rec: ProcessRecord, seen_at: float | None) -> bool:
         """Check a new (or re-checked) record; True when it adds targets."""
@@ -264,4 +272,5 @@ class Pipeline:
     def _validity(self, rec: ProcessRecord) -> dict:
         if self.validator is None:
             return {}
-        return {"valid": rec.valid, "reason": rec.reason, "from_threads": rec.from_threads, "exited": rec.exited}
+        return {"valid": rec.valid, "reason": rec.reason, "code": rec.reason_code or None,
+                "from_threads": rec.from_threads, "exited": rec.exited}

@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
+from gtp5g_op import userfiles
 from gtp5g_op.errors import EnvironmentProblem, UsageError
 from gtp5g_op.ops.statedir import Lock, StateDir
 
@@ -339,6 +340,8 @@ def tail(path: Path | str, stop: threading.Event, chunk: int = 1 << 16, *,
     fd = _open(path)
     try:
         st = os.fstat(fd)
+        if not (stat.S_ISFIFO(st.st_mode) or stat.S_ISREG(st.st_mode)):
+            raise userfiles.wrong_kind(path, "trace pipe", userfiles.kind_of(st.st_mode), userfiles.STREAMS)
         is_fifo = stat.S_ISFIFO(st.st_mode)
         is_file = stat.S_ISREG(st.st_mode) and not _on_tracefs(st)
         if follow is None:

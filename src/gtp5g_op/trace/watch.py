@@ -18,10 +18,11 @@ from importlib import resources
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
+from gtp5g_op import userfiles
 from gtp5g_op.config import finite_number
-from gtp5g_op.errors import EXIT_API, EXIT_OK, EnvironmentProblem, UsageError
-from gtp5g_op.trace.parser import DEFAULT_MATCH, TraceParser
-from gtp5g_op.trace.pipeline import Pipeline
+from gtp5g_op.errors import EXIT_API, EXIT_FAIL, EXIT_OK, EnvironmentProblem, UsageError
+from gtp5g_op.trace.parser import DEFAULT_MATCH, Stats, TraceParser
+from gtp5g_op.trace.pipeline import REJECTED_SUBJECTS_MAX, Pipeline
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,13 @@ PUSH_STOP_WAIT = 2.0  # at exit, how long to wait for a push still in flight bef
 # API does (a second SIGINT/SIGTERM gives up on it at once), so a watch ends well within Kubernetes'
 # 30 s grace period.
 FINAL_PUSH_WAIT = 3.0
+# A trace is called garbage when more than MALFORMED_SHARE of its lines are malformed and at least
+# MALFORMED_MIN are (a normal capture has none; a noisy one a few per cent), or when no line is an event.
+MALFORMED_SHARE = 0.5
+MALFORMED_MIN = 10
+LIVE_WARN_AFTER = 200  # lines read before a live watch judges its input
+TRACE_FIX = "give a text capture of trace_pipe (plain or gzip), as gtp5g-op watch reads it"
+PIPE_FIX = "give trace_pipe, a FIFO or a capture file; or omit --trace-pipe to read a private tracefs instance"
 
 
 @dataclass
@@ -46,7 +54,7 @@ class WatchOptions:
     state_dir: Path | None = None  # instance locks (gtp5g_op.ops.statedir); None: the default
     buffer_kb: int | None = None
     match: str = DEFAULT_MATCH
-    validate: bool = True
+    validate: bool | None = None  # None: the rule of :attr:`validating`
     exe_allow: tuple[str, ...] = ()  # absolute executable path patterns (gtp5g_op.trace.validate)
     allow_user_writable_exe: bool = False
     uid_allow: tuple[int, ...] = ()
@@ -58,7 +66,17 @@ class WatchOptions:
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     metrics_port: int | None = None
+    metrics_addr: str = "127.0.0.1"  # an IP address; the DaemonSet passes the pod IP
     accelerate: bool = True
+
+    @property
+    def validating(self) -> bool:
+        """One rule: a replay that only reports is not checked against this host unless asked
+        (``validate=True``); anything live, and anything that pushes, is checked unless ``validate=False``
+        (so a capture from another machine cannot push its pids by accident)."""
+        if self.validate is not None:
+            return self.validate
+        return self.replay is None or self.push
 
 
 @dataclass
@@ -72,21 +90,67 @@ class WatchResult:
 
 # --- sources ---------------------------------------------------------------------------------
 def open_replay(path: str) -> IO[bytes]:
-    """Open a captured trace: a path (plain or gzip, by content), ``-`` for stdin, or the bundled one."""
+    """Open a captured trace: a path (plain or gzip, by content; a FIFO too), ``-`` for stdin, or the bundled one."""
     if path == "-":
         return sys.stdin.buffer
     if path == BUNDLED_SAMPLE:
         return (resources.files("gtp5g_op") / "data" / BUNDLED_SAMPLE).open("rb")
-    p = Path(path)
-    try:
-        fh = p.open("rb")
-    except FileNotFoundError:
-        raise UsageError(f"replay file {path} does not exist", "give the path of a captured trace") from None
-    except IsADirectoryError:
-        raise UsageError(f"replay file {path} is a directory", "give the path of a captured trace") from None
-    except PermissionError:
-        raise UsageError(f"cannot read replay file {path}: permission denied", "check its mode") from None
-    return fh
+    return userfiles.open_binary(path, "replay file", kinds=userfiles.STREAMS, fix=TRACE_FIX)
+
+
+def refuse_binary(first: bytes, what: str) -> None:
+    """Refuse a replay whose first bytes (decompressed) are binary data rather than trace text."""
+    why = userfiles.binary_evidence(first, strict=False)
+    if why:
+        raise UsageError(f"{what} is binary data, not a trace ({why})", TRACE_FIX)
+
+
+def garbage_warning(stats: Stats) -> str | None:
+    """A warning naming the share of malformed lines when the input does not look like a trace; else None."""
+    if not stats.malformed:
+        return None
+    share = stats.malformed / max(stats.lines, 1)
+    ratio = f"{stats.malformed} of {stats.lines} lines ({share:.0%}) are malformed"
+    if not stats.events:
+        return f"no line of the input is a trace event: {ratio}; is this trace_pipe output?"
+    if stats.malformed >= MALFORMED_MIN and share > MALFORMED_SHARE:
+        return f"the input is mostly not trace_pipe output: {ratio}"
+    return None
+
+
+_REJECTED_WHY = {
+    "dead": "{n} had exited or never ran on this host",
+    "comm": "{n} carry another name now",
+    "reused": "{n} pids belong to other processes now",
+    "exe": "{n} run an executable that is not allowed",
+    "kthread": "{n} are kernel threads",
+    "idle": "{n} were pid 0",
+}
+
+
+def explain_rejections(rejected: dict[str, int], replay: bool, push: bool) -> dict[str, str]:
+    """Why every traced target was rejected (``rejected``: distinct subjects per reason code), and what to
+    do: ``{"message": ..., "fix": ...}``."""
+    parts = [_REJECTED_WHY.get(code, "{n} failed the check " + code).format(
+                 n=f"{n} or more" if n >= REJECTED_SUBJECTS_MAX else n)
+             for code, n in sorted(rejected.items(), key=lambda kv: -kv[1])]
+    message = f"every traced target was rejected by the checks against this host's processes: {', '.join(parts)}"
+    top = max(rejected, key=lambda code: rejected[code])
+    if replay and top in ("dead", "reused", "comm"):
+        fix = ("a capture from another machine (or of processes gone by now) cannot be checked here: replay it "
+               "without --validate to see its processes" + (", and push its pids with --no-validate only on the "
+                                                            "machine where they run" if push else ""))
+    elif top == "exe":
+        fix = ("compare `readlink /proc/PID/exe` of the targets with --exe-allow (targets.exe_allow), or without "
+               "it with the default rule: a root-owned executable named like the target, in root-owned "
+               "directories (docs/live.md)")
+    elif top in ("dead", "reused"):
+        fix = "the targets exited before they could be checked: are the gNB and UE running?"
+    elif top == "comm":
+        fix = "the targets renamed themselves after the trace named them: check --match against `ps -L -o tid,comm`"
+    else:
+        fix = "check --match: it selects kernel threads or pid 0"
+    return {"message": message, "fix": fix}
 
 
 def read_chunks(fh: IO[bytes], size: int = READ_CHUNK) -> Iterator[bytes]:
@@ -255,7 +319,7 @@ def _final_push(pusher: Any, abort: threading.Event, wait: float = FINAL_PUSH_WA
 def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) -> Pipeline:
     """The pipeline for these options."""
     validator, resolve_comm = None, None
-    if opts.validate:
+    if opts.validating:
         from gtp5g_op.trace.validate import ProcessValidator, current_comm
 
         # The checks compare with /proc anyway, so a `<...>` subject can be named from there.
@@ -269,13 +333,10 @@ def build_pipeline(opts: WatchOptions, pusher: Any = None, metrics: Any = None) 
 
 def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None = None) -> WatchResult:
     """Run a watch to the end of its input, ``--duration``, or a signal; return the report."""
-    for what, value, maximum in (("--speed", opts.speed, 1e6), ("--duration", opts.duration, 1e9),
-                                 ("--interval", opts.interval, 86400.0)):
-        if value is not None:
-            finite_number(value, what, 0.0, maximum)
-    if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
-        raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
-    if opts.replay is None and opts.validate:
+    check_options(opts)
+    if opts.trace_pipe:
+        userfiles.check(opts.trace_pipe, "trace pipe", kinds=userfiles.STREAMS, fix=PIPE_FIX)
+    if opts.replay is None and opts.validating:
         from gtp5g_op.trace.validate import require_host_pid_namespace
 
         require_host_pid_namespace()
@@ -286,7 +347,7 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
             from gtp5g_op.ops.metrics import Metrics, push_max_age
 
             metrics = Metrics(push_max_age=push_max_age(opts.interval) if opts.push else None)
-            metrics.serve(opts.metrics_port)
+            metrics.serve(opts.metrics_port, host=opts.metrics_addr)
             stack.callback(metrics.stop)
         pusher = opts.pusher_factory() if opts.push and opts.pusher_factory else None
         if pusher is not None and metrics is not None and hasattr(pusher, "metrics"):
@@ -306,10 +367,33 @@ def run_watch(opts: WatchOptions, view: Callable[[Pipeline, Any], None] | None =
         report = pipeline.report()
         if pusher is not None:
             report["push"] = _push_status(pusher, pushed_ok)
+        warning = garbage_warning(pipeline.parser.stats)
+        if warning:
+            report["warnings"] = [warning]
+            if not pipeline.garbage_warned:
+                log.warning("%s", warning)
+        all_rejected = bool(pipeline.rejected) and not any(r.valid for r in pipeline.records.values())
+        if all_rejected:
+            distinct = {code: len(keys) for code, keys in pipeline.rejected_subjects.items()}
+            report["problem"] = explain_rejections(distinct, opts.replay is not None, opts.push)
         code = EXIT_OK
         if pusher is not None and opts.replay is not None and not pushed_ok:
             code = EXIT_API
+        elif all_rejected and opts.replay is not None:
+            code = EXIT_FAIL  # the answer to "which processes of this capture run here?" is "none"
         return WatchResult(report, code, pipeline)
+
+
+def check_options(opts: WatchOptions) -> None:
+    """Refuse options that cannot be right together, before anything starts."""
+    if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
+        raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
+    if opts.speed is not None and opts.replay is None:
+        raise UsageError("--speed paces a replay, and there is none", "add --replay FILE, or drop --speed")
+    for what, value, maximum in (("--speed", opts.speed, 1e6), ("--duration", opts.duration, 1e9),
+                                 ("--interval", opts.interval, 86400.0)):
+        if value is not None:
+            finite_number(value, what, 0.0, maximum)
 
 
 def _push_status(pusher: Any, ok: bool) -> dict:
@@ -349,8 +433,18 @@ class _Refresher:
         if now - self.last >= REFRESH:
             self.last = now
             self.pipeline.refresh()
+            self._judge_input()
             if self.view:
                 self.view(self.pipeline, self.instance)
+
+    def _judge_input(self) -> None:
+        """Warn once, while still reading, when the input turns out not to be a trace."""
+        stats = self.pipeline.parser.stats
+        if not self.pipeline.garbage_warned and stats.lines >= LIVE_WARN_AFTER:
+            warning = garbage_warning(stats)
+            if warning:
+                log.warning("%s", warning)
+                self.pipeline.garbage_warned = True
 
 
 def _run_replay(
@@ -360,6 +454,7 @@ def _run_replay(
     refresh = _Refresher(pipeline, view)
     with open_replay(opts.replay) as fh, contextlib.ExitStack() as gens:  # type: ignore[arg-type]
         chunks: Iterator[bytes] = gens.enter_context(contextlib.closing(read_chunks(fh)))
+        chunks = gens.enter_context(contextlib.closing(_sniffed(chunks, _replay_name(opts.replay))))  # type: ignore[arg-type]
         if opts.speed:
             chunks = gens.enter_context(contextlib.closing(paced(chunks, opts.speed, stop)))
         for chunk in chunks:
@@ -373,6 +468,20 @@ def _run_replay(
                 break
     pipeline.finish()
     pipeline.refresh()
+
+
+def _replay_name(replay: str) -> str:
+    return {"-": "standard input", BUNDLED_SAMPLE: "the bundled capture"}.get(replay, f"replay file {replay}")
+
+
+def _sniffed(chunks: Iterator[bytes], what: str) -> Iterator[bytes]:
+    """``chunks``, after refusing binary data in the first of them."""
+    first = True
+    for chunk in chunks:
+        if first and chunk:
+            refuse_binary(chunk, what)
+            first = False
+        yield chunk
 
 
 def _run_live(
