@@ -175,8 +175,7 @@ def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: b
     Examples:
       gtp5g-op build module --src ~/gtp5g
       gtp5g-op build module --src ~/gtp5g --copy-vmlinux --install --reload
-      gtp5g-op build module --src ~/gtp5g --kdir /usr/src/linux-headers-6.1.0-28-amd64 \\
-          --vmlinux /boot/vmlinuz-6.1.0-28-amd64 --install
+      gtp5g-op build module --src ~/gtp5g --kdir KDIR --vmlinux /boot/vmlinuz-6.1.0-28-amd64 --install
     """
     console = make_console(stderr=True)
     if force and not do_reload:
