@@ -209,3 +209,25 @@ def test_selftest_result_json_shape():
                             hooks=[HookResult("p", "fentry/gtp5g_encap_recv", True, 3, 3)])
     doc = json.loads(json.dumps(r.to_dict()))
     assert doc["ok"] and doc["hooks"][0]["from_gnb"] == 3 and len(doc["steps"]) == len(GTP5G_STEPS)
+
+
+def test_hook_counts_by_mechanism_and_sender():
+    """Counters per (function, entry|exit), whatever printed them (fentry, kprobe); only the gNB's lines count
+    as its own, and lines before its pid is known never do."""
+    from gtp5g_op.kernel.selftest import HookResult, _HookCounts
+    from gtp5g_op.trace.parser import parse_line
+
+    def line(hook: str, pid: int) -> bytes:
+        return (f"          nr-gnb-{pid}    [000] ..s21   100.000000: bpf_trace_printk: {hook}: PID={pid}, "
+                f"TGID={pid}, CPU=0, LEN=100, DEV=gtp5g-op0").encode()
+
+    counts = _HookCounts()
+    counts.add(parse_line(line("fentry/gtp5g_encap_recv", 7)))  # before the gNB runs
+    counts.gnb_pid = 7
+    for hook, pid in [("fentry/gtp5g_encap_recv", 7), ("fexit/gtp5g_encap_recv", 7),
+                      ("kprobe/ip4_find_route", 7), ("fentry/gtp5g_encap_recv", 99)]:
+        counts.add(parse_line(line(hook, pid)))
+    hooks = [HookResult("a", "fentry/gtp5g_encap_recv", True), HookResult("b", "fexit/gtp5g_encap_recv", True),
+             HookResult("c", "fentry/ip4_find_route", True), HookResult("d", "fexit/ip4_find_route", True)]
+    counts.tally(hooks)
+    assert [(h.lines, h.from_gnb) for h in hooks] == [(3, 1), (1, 1), (1, 1), (0, 0)]

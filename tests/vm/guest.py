@@ -286,9 +286,9 @@ class Guest:
             server.wait(10)
 
     def watch_exited(self):
-        with Gtp5gLab(LabConfig(tag="x"), require_session=False) as lab, _reaped(["gtp5g-op", "watch", "--with-tracer", "--json",
-                                                             "--duration", "40", "--instance",
-                                                             f"gtp5g-op-vmx-{os.getpid()}"]) as watch:
+        cmd = ["gtp5g-op", "watch", "--with-tracer", "--json", "--duration", "40", "--instance",
+               f"gtp5g-op-vmx-{os.getpid()}"]
+        with Gtp5gLab(LabConfig(tag="x"), require_session=False) as lab, _reaped(cmd) as watch:
             wait_for(lambda: _tracer_attached(), 60)  # the sender's packets must find the tracer there
             gnb = lab.start_gnb(count=100, rate=50, timeout=90, binary=True)
             gnb.wait(timeout=60)

@@ -5,8 +5,8 @@ each round, sends to the UPF's N3 socket one uplink G-PDU (TEID ``--ul-teid``, a
 from the UE) and one GTP-U Echo Request, then one downlink IP datagram to the UE address (routed into
 the gtp5g device, which encapsulates it back to this gNB with TEID ``--dl-teid``). Downlink G-PDUs that
 come back are counted (more than sent when gtp5g also encapsulates the kernel's ICMP answers to the
-uplink's inner packets), and so are echo responses. The kernel runs gtp5g's hooks in this process's context, so the tracer's lines
-name it::
+uplink's inner packets), and so are echo responses. The kernel runs gtp5g's hooks in this process's
+context, so the tracer's lines name it::
 
     python -m gtp5g_op.kernel.gnb --netns gtp5g-op-st-123 --count 50 --json
 

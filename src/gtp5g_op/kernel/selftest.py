@@ -276,7 +276,7 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
     lab = Gtp5gLab(LabConfig(tag="st"), require_session=False)
     trace = TraceInstance(name)
     stop = threading.Event()
-    events: list[Event] = []
+    counts = _HookCounts()
     reader: threading.Thread | None = None
     inst_path: Path | None = None
     try:
@@ -294,10 +294,11 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
                 rest = b""
                 for chunk in tail(trace.pipe, stop):
                     *lines, rest = (rest + chunk).split(b"\n")
+                    rest = rest[-_MAX_LINE:]  # a line never ends: keep its tail only
                     for line in lines:
                         ev = parse_line(line)
-                        if ev is not None and _event_key(ev) is not None:
-                            events.append(ev)
+                        if ev is not None:
+                            counts.add(ev)
 
             reader = threading.Thread(target=read, name="st5g-reader", daemon=True)
             reader.start()
@@ -314,13 +315,14 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
                 f"no session: {lab.session_error}; the hooks that need one are not exercised"
                 if lab.session_error else "; ".join(f"{r.kind} {r.id}: {r.detail}" for r in lab.rules)))
             gnb = lab.start_gnb(count=packets, rate=rate, name=gnb_name)
+            counts.gnb_pid = gnb.pid
             result.gnb = {"pid": gnb.pid, "name": gnb_name, **gnb.wait(timeout=packets / rate + timeout)}
-            sent, received = result.gnb["sent"], result.gnb["received"]
-            step(all(v == packets for v in sent.values()) and not result.gnb["errors"],
+            sent, received, errors = result.gnb["sent"], result.gnb["received"], result.gnb["errors"]
+            step(all(v == packets for v in sent.values()) and not errors,
                  f"{gnb_name} pid {gnb.pid} sent {sent['uplink_gpdu']} uplink G-PDUs, {sent['echo_request']} "
                  f"echo requests, {sent['downlink_ip']} downlink IP; got back {received['downlink_gpdu']} "
-                 f"downlink G-PDUs, {received.get('echo_response', 0)} echo responses" + ("; errors: " + "; ".join(result.gnb["errors"]) if result.gnb["errors"]
-                                      else ""))
+                 f"downlink G-PDUs, {received.get('echo_response', 0)} echo responses"
+                 + (f"; errors: {'; '.join(errors)}" if errors else ""))
             for h in result.hooks:
                 function = h.hook.partition("/")[2]
                 if h.attached and lab.session_error and function in NEEDS_SESSION:
@@ -328,10 +330,10 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
                 elif h.attached and function == "policePacket" and not qos:
                     h.note = ("not exercised: gtp5g's QoS is off (/proc/gtp5g/qos); "
                               "pass --enable-qos to turn it on for the test")
-            _wait_for_hooks(result.hooks, events, gnb.pid, stop, timeout)
+            _wait_for_hooks(result.hooks, counts, stop, timeout)
             stop.set()
             reader.join(timeout=2)
-            _tally(result.hooks, events, gnb.pid)
+            counts.tally(result.hooks)
             silent = [h.hook for h in result.hooks if h.expected and h.lines == 0]
             fired = [h for h in result.hooks if h.expected]
             step(not silent, f"silent: {', '.join(silent)}" if silent else
@@ -357,26 +359,45 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
     return result
 
 
-def _tally(hooks: list[HookResult], events: list[Event], gnb_pid: int) -> None:
-    by_key: dict[tuple[str, str], list[HookResult]] = {}
-    for h in hooks:
-        kind, _, function = h.hook.partition("/")
-        by_key.setdefault((function, _direction(kind)), []).append(h)
-        h.lines = h.from_gnb = 0
-    for ev in events:
-        for h in by_key.get(_event_key(ev) or ("", ""), []):
-            n = _event_count(ev)
-            h.lines += n
-            if ev.subject_tgid == gnb_pid or (ev.subject_tgid is None and ev.subject_pid == gnb_pid):
-                h.from_gnb += n
+_MAX_LINE = 1 << 16
 
 
-def _wait_for_hooks(hooks: list[HookResult], events: list[Event], gnb_pid: int, stop: threading.Event,
-                    timeout: float) -> None:
+class _HookCounts:
+    """Events per (function, entry|exit): all, and those naming the gNB (its pid is set once it runs).
+
+    Counters, not lines: on a busy UPF host the tracer's hooks also fire for the real traffic.
+    """
+
+    def __init__(self) -> None:
+        self.gnb_pid: int | None = None
+        self.lines: dict[tuple[str, str], int] = {}
+        self.from_gnb: dict[tuple[str, str], int] = {}
+        self.lock = threading.Lock()
+
+    def add(self, ev: Event) -> None:
+        key = _event_key(ev)
+        if key is None:
+            return
+        n = _event_count(ev)
+        with self.lock:
+            self.lines[key] = self.lines.get(key, 0) + n
+            pid = self.gnb_pid
+            if pid is not None and (ev.subject_tgid == pid or (ev.subject_tgid is None and ev.subject_pid == pid)):
+                self.from_gnb[key] = self.from_gnb.get(key, 0) + n
+
+    def tally(self, hooks: list[HookResult]) -> None:
+        with self.lock:
+            for h in hooks:
+                kind, _, function = h.hook.partition("/")
+                key = (function, _direction(kind))
+                h.lines, h.from_gnb = self.lines.get(key, 0), self.from_gnb.get(key, 0)
+
+
+def _wait_for_hooks(hooks: list[HookResult], counts: _HookCounts, stop: threading.Event, timeout: float) -> None:
     """Until every expected hook has a line naming the gNB, or ``timeout`` (aggregated lines come late)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        _tally(hooks, events[:], gnb_pid)
+        counts.tally(hooks)
         if all(h.from_gnb for h in hooks if h.expected):
             return
         stop.wait(0.1)
