@@ -50,4 +50,4 @@ LABEL org.opencontainers.image.title="gtp5g-op" \
 # Prometheus metrics, /healthz (readiness) and /livez (liveness).
 EXPOSE 9464
 ENTRYPOINT ["gtp5g-op"]
-CMD ["watch", "--push", "--log-format", "json", "--metrics-port", "9464"]
+CMD ["watch", "--push", "-v", "--log-format", "json", "--metrics-port", "9464"]

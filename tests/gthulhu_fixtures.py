@@ -12,6 +12,9 @@ its fixtures::
     def test_y(gthulhu_start):
         server = gthulhu_start("--token-lifetime", "2")   # stopped after the test
 
+    def test_z(manager_server):                            # a v1.3 Manager (user MANAGER_USER) with its
+        manager_server.policies(), manager_server.dm_url    # node's Decision Maker on a second port
+
 ``start_server(workdir, *extra_args)`` starts one outside pytest; stop it with ``.stop()``. Ownership files of code under test should go to ``tmp_path`` (``state_dir``), not
 ``/run/gtp5g-op``.
 """
@@ -32,6 +35,9 @@ import pytest
 import requests
 
 
+MANAGER_USER, MANAGER_PASSWORD = "gtp5g-op", "s3cret-Pa55"
+
+
 @dataclass
 class TestServer:
     """A running ``python -m gtp5g_op.gthulhu.testserver`` process."""
@@ -43,10 +49,16 @@ class TestServer:
     port: int = 0
     proc: subprocess.Popen | None = None
     scheme: str = "http"
+    dm_port: int | None = None  # the Decision Maker's port (manager mode with --dm-port)
 
     @property
     def url(self) -> str:
         return f"{self.scheme}://127.0.0.1:{self.port}"
+
+    @property
+    def dm_url(self) -> str:
+        assert self.dm_port is not None, "start the server with --dm-port"
+        return f"{self.scheme}://127.0.0.1:{self.dm_port}"
 
     @property
     def public_key(self) -> Path:
@@ -62,18 +74,28 @@ class TestServer:
 
     def start(self, timeout: float = 15.0) -> TestServer:
         """Start on ``port`` (a free one the first time) with the key in ``workdir``; wait until it listens."""
+        args = list(self.args)
+        if self.dm_port is not None and "--dm-port" in args:  # a restart keeps the Decision Maker's port
+            args[args.index("--dm-port") + 1] = str(self.dm_port)
         cmd = [
             sys.executable, "-m", "gtp5g_op.gthulhu.testserver",
             "--port", str(self.port),
             "--private-key", str(self.private_key),
             "--public-key-out", str(self.public_key),
-            *self.args,
+            *args,
         ]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         deadline = time.monotonic() + timeout
+        url = self._line(deadline).split()[-1]
+        self.scheme, self.port = url.split(":", 1)[0], int(url.rsplit(":", 1)[1])
+        if "--dm-port" in args:
+            self.dm_port = int(self._line(deadline).rsplit(":", 1)[1])
+        return self
+
+    def _line(self, deadline: float) -> str:
         line = b""
-        assert self.proc.stdout is not None
+        assert self.proc is not None and self.proc.stdout is not None
         while not line.endswith(b"\n"):
             left = deadline - time.monotonic()
             if left <= 0 or self.proc.poll() is not None:
@@ -82,9 +104,7 @@ class TestServer:
             ready, _, _ = select.select([self.proc.stdout], [], [], left)
             if ready:
                 line += os.read(self.proc.stdout.fileno(), 1)
-        url = line.decode().split()[-1]
-        self.scheme, self.port = url.split(":", 1)[0], int(url.rsplit(":", 1)[1])
-        return self
+        return line.decode()
 
     def stop(self) -> None:
         """Terminate the process (connections are refused from now on)."""
@@ -121,6 +141,10 @@ class TestServer:
         """PIDs of the raw posted PID strategies."""
         return {s["pid"] for s in self.state()["strategies"] if "pid" in s and not s.get("selectors")}
 
+    def policies(self, creator: str | None = None) -> list[dict]:
+        """Manager mode: the stored node policies (of ``creator`` only, when given)."""
+        return [p for p in self.state()["policies"] if creator is None or p["creator"] == creator]
+
 
 def start_server(workdir: Path, *args: str) -> TestServer:
     """Start a test server keeping its key and log in ``workdir``."""
@@ -132,6 +156,22 @@ def start_server(workdir: Path, *args: str) -> TestServer:
 def gthulhu_server(tmp_path: Path) -> Iterator[TestServer]:
     """A test server with default settings for the duration of one test."""
     server = start_server(tmp_path / "gthulhu")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def manager_args(*extra: str) -> list[str]:
+    """Arguments of a Manager-mode test server with the MANAGER_USER, a reader and another user."""
+    return ["--mode", "manager", "--user", f"{MANAGER_USER}:{MANAGER_PASSWORD}", "--user", "viewer:viewer-pw:reader",
+            "--user", "alice:alice-pw", "--dm-port", "0", *extra]
+
+
+@pytest.fixture
+def manager_server(tmp_path: Path) -> Iterator[TestServer]:
+    """A v1.3 Manager test server (users gtp5g-op, viewer, alice) with its node's Decision Maker."""
+    server = start_server(tmp_path / "manager", *manager_args())
     try:
         yield server
     finally:

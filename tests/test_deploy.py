@@ -35,7 +35,7 @@ from conftest import ROOT, host_pids, require_root
 from dockerfile_parse import DockerfileParser
 
 KUSTOMIZE = ROOT / "deploy" / "kubernetes"
-BUILDS = ["base", "overlays/example", "overlays/per-node-api"]
+BUILDS = ["base", "overlays/example", "overlays/gthulhu-helm"]
 # Oldest Kubernetes still commonly run with free5GC labs, and the newest schemas the validator ships.
 K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
 SUPPORTED_KEYS = {"apiVersion", "kind", "resources", "patches"}
@@ -231,13 +231,47 @@ def test_example_overlay(rendered):
     assert objs[("v1", "ConfigMap", "gtp5g-op", "gtp5g-op-config")] == rendered["base"][("v1", "ConfigMap", "gtp5g-op", "gtp5g-op-config")]
 
 
-def test_per_node_api_overlay_points_at_the_node(rendered):
-    variables = env(rendered["overlays/per-node-api"])
-    assert variables["NODE_IP"]["valueFrom"] == {"fieldRef": {"fieldPath": "status.hostIP"}}
-    assert variables["GTP5G_OP_API_URL"]["value"] == "http://$(NODE_IP):8080"
-    names = [e["name"] for e in container(rendered["overlays/per-node-api"])["env"]]
-    assert names.index("NODE_IP") < names.index("GTP5G_OP_API_URL")  # $(VAR) sees earlier variables only
+def test_gthulhu_helm_overlay_logs_in_to_the_manager_of_a_helm_install(rendered, tmp_path):
+    objs = rendered["overlays/gthulhu-helm"]
+    variables = env(objs)
+    assert variables["NODE_NAME"]["valueFrom"] == {"fieldRef": {"fieldPath": "spec.nodeName"}}  # from the base
+    assert variables["GTP5G_OP_API"]["value"] == "manager"
+    assert variables["GTP5G_OP_API_URL"]["value"] == "http://gthulhu-manager.gthulhu.svc:8080"  # <release>-manager:8080
+    assert variables["GTP5G_OP_USERNAME"]["valueFrom"]["secretKeyRef"] == {"name": "gthulhu-manager-credentials",
+                                                                          "key": "username"}
+    assert "GTP5G_OP_PASSWORD" not in variables  # the password is a mounted file, never an environment variable
+    names = [e["name"] for e in container(objs)["env"]]
     assert len(names) == len(set(names))
+    pod = daemonset(objs)["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = {m["mountPath"]: m["name"] for m in container(objs)["volumeMounts"]}
+    password = Path(variables["GTP5G_OP_PASSWORD_FILE"]["value"])
+    secret = volumes[mounts[str(password.parent)]]["secret"]
+    assert secret["secretName"] == "gthulhu-manager-credentials" and secret["items"] == [{"key": "password", "path": password.name}]
+    assert set(mounts.values()) == set(volumes)
+
+    service = objs[("v1", "Service", "gthulhu", "gthulhu-dm-local")]
+    assert service["spec"]["internalTrafficPolicy"] == "Local" and service["spec"]["ports"][0]["port"] == 8080
+    assert variables["GTP5G_OP_DM_URL"]["value"] == "http://gthulhu-dm-local.gthulhu.svc:8080"
+
+    # The ConfigMap's TOML plus this environment make valid Manager settings for the node.
+    from gtp5g_op.config import load_settings
+
+    toml = tmp_path / "config.toml"
+    toml.write_text(objs[("v1", "ConfigMap", "gtp5g-op", "gtp5g-op-config")]["data"]["config.toml"])
+    (tmp_path / "password").write_text("s3cret\n")
+    overlay_env = {k: v.get("value") for k, v in variables.items() if "value" in v}
+    overlay_env |= {"NODE_NAME": "upf-1", "GTP5G_OP_USERNAME": "gtp5g-op", "GTP5G_OP_PASSWORD_FILE": str(tmp_path / "password")}
+    settings = load_settings(toml, env=overlay_env)
+    assert settings.api_kind == "manager" and settings.node_name == "upf-1" and settings.username == "gtp5g-op"
+    assert settings.manager_password().reveal() == "s3cret" and settings.dm_url == "http://gthulhu-dm-local.gthulhu.svc:8080"
+
+
+def test_manager_credentials_template_passes_schemas_and_is_not_applied(rendered):
+    secret = yaml.safe_load((KUSTOMIZE / "overlays" / "gthulhu-helm" / "manager-credentials.yaml").read_text())
+    kubernetes_validate.validate(secret, "1.30.0", strict=True)
+    assert "PLACEHOLDER" in secret["stringData"]["password"]
+    assert all(kind != "Secret" for _, kind, _, _ in rendered["overlays/gthulhu-helm"])
 
 
 def test_renderer_refuses_what_it_cannot_render(tmp_path):
@@ -264,7 +298,7 @@ def image_command(parser: DockerfileParser) -> list[str]:
 
 def test_dockerfile_shape(dockerfile):
     assert dockerfile.baseimage == "python:3.11-slim-bookworm"
-    assert image_command(dockerfile) == ["gtp5g-op", "watch", "--push", "--log-format", "json",
+    assert image_command(dockerfile) == ["gtp5g-op", "watch", "--push", "-v", "--log-format", "json",
                                          "--metrics-port", "9464"]
     stages = [i["value"] for i in dockerfile.structure if i["instruction"] == "FROM"]
     assert stages == ["python:3.11-slim-bookworm AS wheel", "python:3.11-slim-bookworm"]

@@ -92,3 +92,32 @@ def test_cli_doctor_json(gthulhu_server):  # noqa: F811
     assert doc["ready"] is ready and res.exit_code == (0 if ready else 1)
     res = CliRunner().invoke(main, ["doctor"], env={"GTP5G_OP_API_URL": gthulhu_server.url})
     assert "gtp5g-op doctor" in res.output and ("ready" in res.output)
+
+
+def test_api_checks_name_the_kind_and_log_in(gthulhu_server, manager_server, tmp_path):
+    from gthulhu_fixtures import MANAGER_PASSWORD, MANAGER_USER
+
+    from gtp5g_op.config import load_settings
+
+    legacy = {c.name: c for c in doctor.api_checks(load_settings(env={}, api_url=gthulhu_server.url,
+                                                                  public_key=gthulhu_server.public_key))}
+    assert "legacy Gthulhu API server" in legacy["Gthulhu API"].detail and legacy["API login"].ok
+    env = {"GTP5G_OP_USERNAME": MANAGER_USER, "GTP5G_OP_PASSWORD": MANAGER_PASSWORD}
+    checks = {c.name: c for c in doctor.api_checks(load_settings(env=env, api_url=manager_server.url,
+                                                                  dm_url=manager_server.dm_url,
+                                                                  public_key=manager_server.public_key))}
+    assert "Gthulhu v1.x Manager" in checks["Gthulhu API"].detail
+    assert checks["API login"].ok and MANAGER_USER in checks["API login"].detail and checks["Decision Maker"].ok
+    wrong = {c.name: c for c in doctor.api_checks(load_settings(env={**env, "GTP5G_OP_PASSWORD": "nope"},
+                                                                 api_url=manager_server.url))}
+    assert wrong["API login"].status == doctor.FAIL and "invalid password" in wrong["API login"].detail
+    mismatch = doctor.check_api(load_settings(env={}, api_url=manager_server.url, api_kind="legacy"))
+    assert mismatch.status == doctor.FAIL and "--api manager" in mismatch.fix
+
+
+def test_cli_doctor_honours_config(gthulhu_server, tmp_path):
+    cfg = tmp_path / "op.toml"
+    cfg.write_text(f'[api]\nurl = "{gthulhu_server.url}"\npublic_key = "{gthulhu_server.public_key}"\n')
+    res = CliRunner().invoke(main, ["doctor", "--json", "--config", str(cfg)], env={"GTP5G_OP_API_URL": ""})
+    by_name = {c["name"]: c for c in json.loads(res.output)["checks"]}
+    assert gthulhu_server.url in by_name["Gthulhu API"]["detail"] and by_name["API login"]["status"] == "ok"

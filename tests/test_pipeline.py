@@ -86,3 +86,17 @@ def test_memory_stays_flat_under_100k_distinct_pids():
     assert pipe.records == {} and pipe.rejected == {"dead": 100_000}
     assert current - after_10k < 512 * 1024, "memory grew with the number of pids"
     assert peak < 16 * 1024 * 1024
+
+
+def test_report_counts_distinct_rejected_subjects_and_every_failed_check():
+    """A dead pid named again (as a paced replay does) is one rejected subject, checked twice."""
+    proc = workload.start("nr-gnb", threads=0)
+    pid = proc.pid
+    proc.stop()  # a pid that existed a moment ago and is gone now
+    pipe = Pipeline(TraceParser(), validator=ProcessValidator())
+    pipe.feed(line(pid))
+    pipe.refresh()
+    pipe.feed(line(pid, ts=2.0))
+    report = pipe.report()
+    assert report["processes"] == []
+    assert report["rejected"] == {"dead": 1} and report["rejections"] == {"dead": 2}

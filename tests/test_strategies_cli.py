@@ -66,7 +66,7 @@ def test_push_delete_prune_only_touch_what_they_should(run, gthulhu_server):
     assert gthulhu_server.pids() == {101, 999}
 
     result = run("prune", "--json")
-    assert json.loads(result.output) == {"removed": [101]}
+    assert json.loads(result.output)["removed"] == [101]
     assert gthulhu_server.pids() == {999} and len(gthulhu_server.state()["strategies"]) == 2
     assert "nothing to remove" in run("prune").output
 
@@ -116,4 +116,81 @@ def test_push_replace_drops_everything_else(run, gthulhu_server):
     result = run("push", "--pid", "8", "--replace")
     assert result.exit_code == 0, result.output
     assert gthulhu_server.state()["strategies"] == [{"priority": True, "execution_time": 20000000, "pid": 8}]
-    assert json.loads(run("prune", "--json").output) == {"removed": [8]}
+    assert json.loads(run("prune", "--json").output)["removed"] == [8]
+
+
+# --- issue 12: the table at 80 columns, refusals, honest messages --------------------------------------
+
+
+def test_list_at_80_columns_keeps_pid_comm_and_owner_whole(run, gthulhu_server):
+    long_selectors = [{"key": "app.kubernetes.io/name", "value": "ueransim-gnb-with-a-long-name"},
+                      {"key": "tier", "value": "radio-access-network"}]
+    gthulhu_server.control(strategies=[
+        {"priority": True, "execution_time": 20000000, "selectors": long_selectors, "command_regex": "nr-gnb|nr-ue|ping"},
+        {"priority": True, "execution_time": 1500000, "pid": os.getpid()},
+        {"priority": False, "execution_time": 1, "pid": 4194303},
+    ], pods=[{"pod_name": "p", "labels": {s["key"]: s["value"] for s in long_selectors},
+              "processes": [{"pid": 3999999, "command": "nr-gnb"}]}])
+    for columns in ("80", "60", "120"):
+        result = run("list", extra_env={"COLUMNS": columns})
+        assert result.exit_code == 0, result.output
+        lines = result.output.splitlines()
+        assert all(len(line) <= int(columns) for line in lines), (columns, result.output)
+        rows = [line for line in lines if line.startswith("│")]
+        for pid, owner in ((str(os.getpid()), "foreign"), ("4194303", "foreign"), ("3999999", "selector")):
+            row = next(r for r in rows if f" {pid} " in r)
+            assert f" {owner} " in row, (columns, row)
+        assert any(" python" in r or " pytest" in r for r in rows)
+        assert "[/" not in result.output
+    assert "not shown at 60 columns: command regex" in run("list", extra_env={"COLUMNS": "60"}).output
+    wide = run("list", extra_env={"COLUMNS": "160"}).output
+    assert "app.kubernetes.io/name=ueransim-gnb-with-a-long-name" in wide.replace("│\n│", "")
+
+
+def test_server_strings_are_not_rich_markup(run, gthulhu_server):
+    gthulhu_server.control(strategies=[{"priority": True, "execution_time": 1, "selectors": [{"key": "[/x]", "value": "[bold]v"}],
+                                        "command_regex": "x|[/]"}],
+                           pods=[{"pod_name": "p", "labels": {"[/x]": "[bold]v"}, "processes": [{"pid": 7, "command": "x"}]}])
+    result = run("list", extra_env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "[/x]=[bold]v" in result.output
+
+
+def test_pushing_a_pid_a_selector_strategy_covers_is_refused(run, gthulhu_server):
+    before = gthulhu_server.state()["strategies"]
+    result = run("push", "--pid", "4242")  # the demo pod's nr-gnb, covered by app=ueransim-macvlan
+    assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
+    assert "PID 4242 is already covered by the selector strategy app=ueransim-macvlan (priority true, 20 ms)" in result.output
+    assert "fix: change that selector strategy instead" in result.output
+    assert gthulhu_server.state()["strategies"] == before
+
+
+def test_impossible_pids_and_a_zero_time_slice_are_usage_errors(run, gthulhu_server):
+    for args, words in ((["push", "--pid", "99999999"], "above this kernel's pid_max"),
+                        (["delete", "--pid", "99999999"], "above this kernel's pid_max"),
+                        (["push", "--pid", "5", "--execution-time", "0"], "is not a time slice"),
+                        (["push", "--pid", "5", "--execution-time", "0ms"], "is not a time slice"),
+                        (["push", "--comm", "nr-gnb"], "takes PIDs, not comms")):
+        result = run(*args)
+        assert result.exit_code == EXIT_USAGE and words in result.output, (args, result.output)
+        assert len(result.output.strip().splitlines()) == 1
+    assert gthulhu_server.state()["stats"].get("posts", 0) == 0
+
+
+def test_prune_with_nothing_owned_still_asks_the_server_and_says_so(run, gthulhu_server):
+    gthulhu_server.control(strategies=[{"priority": True, "execution_time": 1, "pid": 999}])
+    result = run("prune")
+    assert result.exit_code == 0
+    assert "records no strategy of gtp5g-op" in result.output and "the server holds 1 PID strategy, none of them" in result.output
+    assert gthulhu_server.state()["stats"]["GET /api/v1/scheduling/strategies"] == 1
+    doc = json.loads(run("prune", "--json").output)
+    assert doc["removed"] == [] and doc["server_pid_strategies"] == 1 and doc["recorded"] == []
+    gthulhu_server.stop()
+    result = run("prune")
+    assert result.exit_code == EXIT_API and "cannot connect" in result.output
+
+
+def test_push_message_grammar(run, gthulhu_server):
+    gthulhu_server.control(strategies=[])
+    assert "kept 0 selector strategies and 0 other PID strategies" in run("push", "--pid", "7").output
+    assert "kept 0 selector strategies and 1 other PID strategy" in run("push", "--pid", "8").output

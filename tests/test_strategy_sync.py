@@ -8,9 +8,9 @@ import time
 import pytest
 
 from gtp5g_op.config import Policy, Rule
-from gtp5g_op.gthulhu.legacy import GthulhuClient
+from gtp5g_op.gthulhu.legacy import GthulhuClient, LegacyBackend, merge, target_strategies
 from gtp5g_op.gthulhu.ownership import MANUAL, WATCH, OwnershipStore
-from gtp5g_op.gthulhu.sync import StrategyPusher, merge, target_strategies
+from gtp5g_op.gthulhu.sync import StrategyPusher
 from gtp5g_op.model import Target
 
 APP = [{"key": "app", "value": "ueransim-macvlan"}]
@@ -31,10 +31,11 @@ def _wait(pred, timeout: float, step: float = 0.02):
     return pred()
 
 
-def _pusher(server, tmp_path, **kw) -> StrategyPusher:
+def _pusher(server, tmp_path, replace: bool = False, **kw) -> StrategyPusher:
     client = GthulhuClient(server.url, server.public_key.read_bytes(), timeout=(1, 1), retries=1, backoff_factor=0.05)
     kw.setdefault("interval", 10.0)
-    return StrategyPusher(client, Policy(), store=OwnershipStore(server.url, tmp_path / "state"), **kw)
+    backend = LegacyBackend(client, Policy(), store=OwnershipStore(server.url, tmp_path / "state"), replace=replace)
+    return StrategyPusher(backend, **kw)
 
 
 # --- pure functions -------------------------------------------------------------------------------
@@ -170,12 +171,12 @@ def test_outage_is_logged_once_and_the_full_set_pushed_after(gthulhu_server, tmp
         gthulhu_server.start()
     gthulhu_server.control(fault=None)
     assert _wait(lambda: gthulhu_server.pids() == {101, 102, 103}, 3.0)
+    token = pusher.client._token.reveal()  # stop() closes the client, which forgets the token
     pusher.stop(final_push=False)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert sum("cannot push strategies" in m for m in warnings) == 1, warnings
     assert sum("is back after" in m for m in warnings) == 1
     assert not any("Retrying" in m for m in warnings)
-    token = pusher.client._token
     assert token and all(token not in r.getMessage() for r in caplog.records)
 
 

@@ -46,3 +46,13 @@ def test_watch_survives_token_expiry_and_server_restart(gthulhu_start, tmp_path)
     report = json.loads(out)
     assert report["stats"]["malformed"] == 1 and report["push"]["pushes_ok"] >= 4
     assert b"eyJ" not in out + err and b"Bearer" not in out + err
+
+
+def test_a_replay_that_does_not_push_imports_no_api_client():
+    """``watch --replay`` stays light: requests, urllib3, PyJWT and the Gthulhu clients load only for --push."""
+    probe = ("import sys; from click.testing import CliRunner; from gtp5g_op.cli import main; "
+             "r = CliRunner().invoke(main, ['watch', '--replay', '--json']); assert r.exit_code == 0, r.output; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('requests', 'urllib3', 'jwt') "
+             "or m.startswith('gtp5g_op.gthulhu.') and m != 'gtp5g_op.gthulhu.secret'))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]", out.stdout

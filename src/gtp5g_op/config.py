@@ -8,21 +8,33 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from gtp5g_op import userfiles
 from gtp5g_op.errors import UsageError
+from gtp5g_op.gthulhu.secret import Secret
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 DEFAULT_MATCH = r"^(nr-gnb|nr-ue)$"
 DEFAULT_EXECUTION_TIME_NS = 20_000_000  # 20 ms, what the first lab deployment pushed
 DEFAULT_INTERVAL = 10.0
 ENV_PREFIX = "GTP5G_OP_"
+API_KINDS = ("auto", "legacy", "manager")
+DEFAULT_MANAGER_PRIORITY = 10  # the Gthulhu UI's default; v1.x boosts every priority > 0 alike
+DEFAULT_DEADLINE = 10.0  # seconds one API call may take, retries included
+DEFAULT_MAX_RESPONSE = 4 << 20  # bytes of one API answer that are read
+PASSWORD_ENV = "GTP5G_OP_PASSWORD"
+_MAX_PASSWORD_FILE = 4096
+_SIZE_RE = re.compile(r"\s*([0-9]{1,12})\s*(B|K|KB|KiB|M|MB|MiB|G|GB|GiB)?\s*\Z", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 1 << 10, "kib": 1 << 10, "m": 1 << 20, "mb": 1 << 20,
+               "mib": 1 << 20, "g": 1 << 30, "gb": 1 << 30, "gib": 1 << 30}
 MAX_DURATION_NS = 2**63 - 1  # what a signed 64-bit nanosecond field (Go's time.Duration) holds
 
 _UNITS_NS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000}
@@ -120,11 +132,71 @@ def _path(value: Any, what: str, text: bool) -> Path | None:
     return Path(_str(value, what, text)).expanduser() if value != "" else None
 
 
+def http_url(value: Any, what: str, flag: str) -> str:
+    """An http(s) base URL with a host and a valid port, no credentials, query or fragment; a UsageError otherwise."""
+    text = str(value).strip().rstrip("/")
+    example = "http://127.0.0.1:8080"
+    if not text.isprintable() or " " in text:
+        raise UsageError(f"{what} {text!r} contains spaces or control characters", f"give {flag} like {example}")
+    try:
+        parts = urlsplit(text)
+        port = parts.port
+    except ValueError as exc:
+        raise UsageError(f"{what} {text!r} is not a valid URL: {exc}", f"give {flag} like {example} (ports 1-65535)") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"{what} {text!r} is not an http(s) URL", f"give {flag} like {example}")
+    if parts.username is not None or parts.password is not None:
+        raise UsageError(
+            f"{what} {parts.scheme}://***@{parts.hostname}... carries credentials in the URL",
+            "remove them: give --username and GTP5G_OP_PASSWORD or --password-file",
+        )
+    if port == 0:
+        raise UsageError(f"{what} {text!r} has port 0", f"give {flag} with a port from 1 to 65535")
+    if parts.query or parts.fragment:
+        raise UsageError(f"{what} {text!r} has a query or fragment", f"give the server's base URL, like {example}")
+    return text
+
+
 def _url(value: Any, what: str, text: bool) -> str:
-    url = _str(value, what, text).rstrip("/")
-    if not re.match(r"https?://[^/]+(/|\Z)", url) or any(c.isspace() or not c.isprintable() for c in url):
-        raise UsageError(f"API URL {url!r} is not an http(s) URL", "use e.g. http://127.0.0.1:8080")
-    return url
+    return http_url(_str(value, what, text), "API URL", "--api-url")
+
+
+def _dm_url(value: Any, what: str, text: bool) -> str:
+    return http_url(_str(value, what, text), "Decision Maker URL", "--dm-url")
+
+
+def _api_kind(value: Any, what: str, text: bool) -> str:
+    kind = _str(value, what, text).strip().lower()
+    if kind not in API_KINDS:
+        raise UsageError(f"{what} = {value!r} is not one of {', '.join(API_KINDS)}", "give --api auto, legacy or manager")
+    return kind
+
+
+def _node_name(value: Any, what: str, text: bool) -> str:
+    name = _str(value, what, text).strip()
+    if not name or len(name) > 253 or not name.isprintable() or " " in name:
+        raise UsageError(f"{what} = {name[:60]!r} is not a Kubernetes node name", "give --node-name as `kubectl get nodes` shows it")
+    return name
+
+
+def _priority_level(value: Any, what: str, text: bool) -> int:
+    """A Manager policy's priority: a whole number above 0 (v1.x boosts every value above 0)."""
+    if isinstance(value, str) and text and value.strip().isascii() and value.strip().isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 2**31 - 1:
+        raise UsageError(f"{what} = {value!r} is not a whole number from 1 to {2**31 - 1}", f"give {what} like 10")
+    return value
+
+
+def _size(value: Any, what: str, text: bool) -> int:
+    """``4194304``, ``"4MiB"``, ``"512 KiB"`` → bytes, from 1 KiB to 1 GiB."""
+    m = _SIZE_RE.match(str(value)) if not isinstance(value, bool) and isinstance(value, (int, str)) else None
+    if not m:
+        raise UsageError(f"{what} = {value!r} is not a size", "write it like 4MiB, 512KiB or a number of bytes")
+    size = int(m.group(1)) * _SIZE_UNITS[(m.group(2) or "").lower()]
+    if not 1 << 10 <= size <= 1 << 30:
+        raise UsageError(f"{what} = {value!r} is out of range", "give a size from 1KiB to 1GiB")
+    return size
 
 
 def _regex(value: Any, what: str, text: bool = False) -> str:
@@ -147,6 +219,14 @@ def _target_match(value: Any, what: str, text: bool = False) -> str:
 
 def _duration(value: Any, what: str, text: bool) -> int:
     return parse_duration_ns(value, what)
+
+
+def time_slice_ns(value: Any, what: str = "execution time", text: bool = True) -> int:
+    """A scheduling time slice: a duration above 0 (a 0 ns slice is no slice)."""
+    ns = parse_duration_ns(value, what)
+    if ns <= 0:
+        raise UsageError(f"{what} {value!r} is not a time slice", "give a positive duration such as 20ms")
+    return ns
 
 
 def _str_list(value: Any, what: str, text: bool) -> tuple[str, ...]:
@@ -181,7 +261,7 @@ def _uid_list(value: Any, what: str, text: bool) -> tuple[int, ...]:
         raise UsageError(f"{what} = {value!r} is not a list of user ids", f"write {what} = [0, 1000]")
     uids = []
     for item in items:
-        if isinstance(item, str) and text and item.isdigit():
+        if isinstance(item, str) and text and item.isascii() and item.isdigit():
             item = int(item)
         if isinstance(item, bool) or not isinstance(item, int) or not 0 <= item < 2**32 - 1:
             raise UsageError(f"{what}: {item!r} is not a user id", "give numeric uids from 0 to 4294967294")
@@ -194,22 +274,33 @@ def _uid_list(value: Any, what: str, text: bool) -> tuple[int, ...]:
 Converter = Callable[[Any, str, bool], Any]
 KEYS: dict[str, tuple[str, str, Converter]] = {
     "api_url": ("api", "url", _url),
+    "api_kind": ("api", "kind", _api_kind),
     "public_key": ("api", "public_key", _path),
+    "username": ("api", "username", _str),
+    "password_file": ("api", "password_file", _path),
+    "node_name": ("api", "node_name", _node_name),
+    "dm_url": ("api", "dm_url", _dm_url),
     "ca_bundle": ("api", "ca_bundle", _path),
     "insecure": ("api", "insecure", _bool),
     "timeout": ("api", "timeout", _seconds(0.0, 3600.0)),
+    "deadline": ("api", "deadline", _seconds(0.0, 3600.0)),
+    "max_response": ("api", "max_response", _size),
     "match": ("targets", "match", _target_match),
     "exe_allow": ("targets", "exe_allow", _exe_patterns),
     "allow_user_writable_exe": ("targets", "allow_user_writable_exe", _bool),
     "uid_allow": ("targets", "uid_allow", _uid_list),
     "threads": ("targets", "threads", _bool),
     "priority": ("policy", "priority", _bool),
-    "execution_time": ("policy", "execution_time", _duration),
+    "execution_time": ("policy", "execution_time", time_slice_ns),
+    "manager_priority": ("policy", "manager_priority", _priority_level),
     "interval": ("push", "interval", _seconds(0.0, 86400.0)),
     "debounce": ("push", "debounce", _seconds(0.0, 60.0, min_open=False)),
     "replace": ("push", "replace", _bool),
     "state_dir": ("push", "state_dir", _path),
 }
+# Environment variables not named GTP5G_OP_<NAME>, and the ones read when that is unset.
+ENV_NAMES = {"api_kind": ENV_PREFIX + "API"}
+ENV_FALLBACKS = {"node_name": "NODE_NAME"}  # the DaemonSet's downward-API variable
 # Keys holding arrays of tables, read by their own functions below.
 _TABLE_ARRAYS = {"policy": {"override"}, "push": {"known_selectors"}}
 
@@ -230,6 +321,7 @@ class Policy:
     priority: bool = True
     execution_time_ns: int = DEFAULT_EXECUTION_TIME_NS
     overrides: tuple[Rule, ...] = ()
+    manager_priority: int = DEFAULT_MANAGER_PRIORITY  # the int a Manager policy carries when priority is on
 
     def resolve(self, comm: str) -> tuple[bool, int]:
         """``(priority, execution_time_ns)`` for a target with this comm."""
@@ -259,10 +351,18 @@ class Settings:
     """Everything the API client, the pusher and the watch need, already validated."""
 
     api_url: str = DEFAULT_API_URL
+    api_kind: str = "auto"
     public_key: Path | None = None
+    username: str | None = None
+    password: Secret | None = None  # from GTP5G_OP_PASSWORD only (never a file key or a flag)
+    password_file: Path | None = None
+    node_name: str = field(default_factory=platform.node)
+    dm_url: str | None = None
     ca_bundle: Path | None = None
     insecure: bool = False
     timeout: float = 5.0
+    deadline: float = DEFAULT_DEADLINE
+    max_response: int = DEFAULT_MAX_RESPONSE
     match: str = DEFAULT_MATCH
     exe_allow: tuple[str, ...] = ()
     allow_user_writable_exe: bool = False
@@ -297,6 +397,26 @@ class Settings:
             userfiles.read_text(path, "CA bundle", limit=8 << 20, fix=fix)  # PEM is text: refuse binary data now
         return str(path)
 
+    def manager_password(self) -> Secret:
+        """The Manager password: GTP5G_OP_PASSWORD, else the first line of the password file; a UsageError otherwise."""
+        if self.password_file is None:
+            if self.password:
+                return self.password
+            raise UsageError(
+                "no password for the Gthulhu Manager",
+                f"set {PASSWORD_ENV}, or give --password-file FILE (e.g. a mounted Kubernetes Secret)",
+            )
+        path = self.password_file
+        data = userfiles.read_bytes(path, "password file", limit=_MAX_PASSWORD_FILE,
+                                    fix="give --password-file the file that holds the Manager password (first line)")
+        try:  # decoded here: userfiles' own message would quote a byte of the password
+            password = data.decode("utf-8").split("\n", 1)[0].rstrip("\r")
+        except UnicodeDecodeError:
+            raise UsageError(f"password file {path} is not UTF-8 text", "write the password as UTF-8 text") from None
+        if not password:
+            raise UsageError(f"password file {path} is empty", "write the password on its first line")
+        return Secret(password)
+
 
 def _read_file(path: Path) -> dict:
     text = userfiles.read_text(path, "config file", fix="check --config / GTP5G_OP_CONFIG (see docs/config.md)")
@@ -325,7 +445,7 @@ def _overrides(items: Any, where: str) -> tuple[Rule, ...]:
                 comm=_regex(item["comm"], f"{where} comm"),
                 priority=None if "priority" not in item else _bool(item["priority"], f"{where} priority", False),
                 execution_time_ns=None if "execution_time" not in item
-                else parse_duration_ns(item["execution_time"], f"{where} execution_time"),
+                else time_slice_ns(item["execution_time"], f"{where} execution_time"),
             )
         )
     return tuple(rules)
@@ -397,12 +517,17 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
     if unknown_flags:
         raise TypeError(f"load_settings got unknown setting(s): {sorted(unknown_flags)}")
     # name -> (raw value, where it came from, given as text)
+    if isinstance(doc.get("api"), dict) and "password" in doc["api"]:
+        raise UsageError(f"{path}: a password does not belong in the config file",
+                         f"put it in a file of its own (api.password_file) or in {PASSWORD_ENV}")
     file_values, tables = _file_values(doc, path)
     raw: dict[str, tuple[Any, str, bool]] = {k: (v, where, False) for k, (v, where) in file_values.items()}
     for name in KEYS:
-        value = env.get(ENV_PREFIX + name.upper())
-        if value not in (None, ""):
-            raw[name] = (value, ENV_PREFIX + name.upper(), True)
+        for variable in (ENV_NAMES.get(name, ENV_PREFIX + name.upper()), ENV_FALLBACKS.get(name)):
+            value = env.get(variable) if variable else None
+            if value not in (None, ""):
+                raw[name] = (value, variable, True)
+                break
     for name, value in flags.items():
         if value is not None:
             raw[name] = (value, "--" + name.replace("_", "-"), isinstance(value, str))
@@ -413,11 +538,15 @@ def load_settings(config: str | Path | None = None, env: Mapping[str, str] | Non
         priority=typed.get("priority", base.policy.priority),
         execution_time_ns=typed.get("execution_time", base.policy.execution_time_ns),
         overrides=_overrides(*tables["policy.override"]) if "policy.override" in tables else (),
+        manager_priority=typed.get("manager_priority", base.policy.manager_priority),
     )
-    fields = {name: value for name, value in typed.items() if name not in ("priority", "execution_time")}
+    fields = {name: value for name, value in typed.items() if name not in ("priority", "execution_time", "manager_priority")}
+    # An explicit --password-file beats a GTP5G_OP_PASSWORD left in the environment.
+    password = None if flags.get("password_file") is not None else env.get(PASSWORD_ENV) or None
     return replace(
         base,
         **fields,
+        password=Secret(password) if password else None,
         policy=policy,
         known_selectors=_known_selectors(*tables["push.known_selectors"])
         if "push.known_selectors" in tables

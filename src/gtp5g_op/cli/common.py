@@ -53,8 +53,20 @@ CONFIG: OptionSpec = (
 GLOBAL: tuple[OptionSpec, ...] = (VERBOSE, LOG_FORMAT, CONFIG)
 
 API: tuple[OptionSpec, ...] = (
-    (("--api-url",), {"metavar": "URL", "help": "Gthulhu API. [env GTP5G_OP_API_URL; default http://127.0.0.1:8080]"}),
-    (("--public-key",), {"metavar": "PEM", "help": "The API server's RSA public key. [env GTP5G_OP_PUBLIC_KEY]"}),
+    (("--api-url",), {"metavar": "URL", "help": "Gthulhu API base URL. [env GTP5G_OP_API_URL; default http://127.0.0.1:8080]"}),
+    (("--api", "api_kind"), {
+        "type": click.Choice(["auto", "legacy", "manager"], case_sensitive=False),
+        "help": "API generation: legacy (PID strategies), manager (Gthulhu v1.x node policies) or auto-detect. "
+                "[env GTP5G_OP_API; default auto]",
+    }),
+    (("--public-key",), {"metavar": "PEM", "help": "Legacy API (or Decision Maker) RSA public key. [env GTP5G_OP_PUBLIC_KEY]"}),
+    (("--username",), {"metavar": "NAME", "help": "Manager user. [env GTP5G_OP_USERNAME]"}),
+    (("--password-file",), {"metavar": "FILE", "help": "Manager password, first line of FILE. "
+                            "[env GTP5G_OP_PASSWORD_FILE; or the password itself in GTP5G_OP_PASSWORD]"}),
+    (("--node-name",), {"metavar": "NODE", "help": "This host's Kubernetes node name (Manager policies). "
+                        "[env NODE_NAME; default the host name]"}),
+    (("--dm-url",), {"metavar": "URL", "help": "This node's Gthulhu Decision Maker, read to show what it boosts. "
+                     "[env GTP5G_OP_DM_URL]"}),
     (("--ca-bundle",), {"metavar": "FILE", "help": "CA bundle for an https API."}),
     (("--insecure",), {"is_flag": True, "default": None, "help": "Do not verify the API's TLS certificate."}),
 )
@@ -93,9 +105,9 @@ def api_flags(ctx: click.Context) -> dict[str, Any]:
     given = shared_values(ctx)
     flags: dict[str, Any] = {}
     for decls, _attrs in API:
-        name = decls[0].lstrip("-").replace("-", "_")
+        name = next((d for d in decls if not d.startswith("-")), decls[0].lstrip("-").replace("-", "_"))
         flags[name] = given.get(name)
-    for name in ("public_key", "ca_bundle"):
+    for name in ("public_key", "ca_bundle", "password_file"):
         if flags[name] is not None:
             flags[name] = Path(flags[name])
     return flags

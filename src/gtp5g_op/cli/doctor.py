@@ -36,7 +36,7 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
     """
     setup_logs(ctx)
     settings = load_settings(shared_values(ctx).get("config"), **api_flags(ctx))
-    results = checks.run_checks(settings.api_url)
+    results = checks.run_checks(settings)
     ready = checks.all_ready(results)
     if as_json:
         click.echo(json.dumps({"ready": ready, "checks": [c.as_dict() for c in results]}))

@@ -25,11 +25,15 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} sets up the private tracefs instance, which {source} does not use",
                                  f"drop {flag} or {source}")
-    if exe_allow_flag and not opts.validating:
+    checks = [flag for flag, given in (("--exe-allow", exe_allow_flag), ("--uid-allow", _given(ctx, "uid_allow")),
+                                        ("--allow-user-writable-exe", _given(ctx, "allow_user_writable_exe")))
+              if given]
+    if checks and not opts.validating:
+        flag = checks[0]
         if opts.validate is False:
-            raise UsageError("--exe-allow applies to validated processes only, and --no-validate turns "
-                             "validation off", "drop --no-validate or --exe-allow")
-        raise UsageError("--exe-allow applies to validated processes only, and a replay that does not push "
+            raise UsageError(f"{flag} applies to validated processes only, and --no-validate turns "
+                             "validation off", f"drop --no-validate or {flag}")
+        raise UsageError(f"{flag} applies to validated processes only, and a replay that does not push "
                          "is not validated", "add --validate to check the replayed pids against this host")
 
 
@@ -92,6 +96,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --replay lab.trace.gz --validate      # which of its processes run here
       gtp5g-op watch --replay lab.trace --speed 10 --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
+      gtp5g-op watch --with-tracer --push --api-url http://gthulhu-manager:8080 --username ops --password-file pw
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
       gtp5g-op watch --push --exe-allow /opt/UERANSIM/build/nr-gnb --exe-allow /opt/UERANSIM/build/nr-ue
     """
@@ -114,12 +119,10 @@ def watch(ctx: click.Context, **kw) -> None:
     )
     pusher_factory = None
     if kw["push"]:
-        from gtp5g_op.gthulhu.sync import make_pusher
-
-        settings.public_key_pem()  # a missing key is a usage error now, not after the trace was read
+        from gtp5g_op.gthulhu import factory
 
         def pusher_factory():
-            pusher = make_pusher(settings)
+            pusher = factory.make_pusher(settings, kind)  # kind: from the preflight below
             pusher.start()
             return pusher
 
@@ -153,6 +156,8 @@ def watch(ctx: click.Context, **kw) -> None:
 
         check_addr(kw["metrics_addr"])
     _refuse_ignored(ctx, opts, bool(kw["exe_allow"]))
+    if kw["push"]:
+        kind = factory.preflight(settings)  # the API's kind, and missing credentials now, not after the trace
     view = None
     if not kw["as_json"] and (opts.replay is None or opts.speed) and sys.stdout.isatty():
         from gtp5g_op.cli.liveview import LiveView

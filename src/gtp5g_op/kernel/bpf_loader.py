@@ -365,10 +365,9 @@ def _function_reason(function: str, host: Host, need_btf: bool) -> str:
     if not need_btf:
         return ""
     if not host.module_btf.exists():
-        return ("gtp5g is loaded without BTF (no /sys/kernel/btf/gtp5g): it was built without pahole or "
-                "without this kernel's vmlinux in the build dir, or the kernel rejected its BTF (dmesg: "
-                "failed to validate module [gtp5g] BTF); rebuild it against this kernel with "
-                "gtp5g-op build module, reload")
+        from gtp5g_op.kernel.verify import module_btf_problem
+
+        return module_btf_problem(host.module, host.sys, host.proc)  # the words verify uses too
     # BTF linkage is no verdict: pahole 1.24 (Debian 12) marks every module function static, and
     # fentry attaches to them all the same (measured on gtp5g v0.10.2 under Linux 6.1).
     if host.btf_function(function) is None:

@@ -2,7 +2,7 @@
 
 Each check looks at the real thing: the bpf() syscall creates a map, the fentry check loads a
 two-instruction fentry program and attaches it to a kernel function (then closes it), the module checks
-read /proc, /sys and kallsyms, devices come from rtnetlink (pyroute2), the API check is an HTTP GET.
+read /proc, /sys and kallsyms, devices come from rtnetlink (pyroute2), the API checks detect the API's kind (read-only) and log in.
 The fentry probe uses the raw syscall through ctypes rather than libbpf because it needs no object
 file: two instructions and a BTF id are the whole program.
 """
@@ -21,8 +21,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-import requests
-
+from gtp5g_op.config import Settings, load_settings
 from gtp5g_op.errors import OpError
 from gtp5g_op.kernel import modbuild, verify
 from gtp5g_op.model import FAIL, OK, UNKNOWN, WARN, Check
@@ -249,25 +248,80 @@ def check_tools() -> list[Check]:
     return checks
 
 
-def check_api(api_url: str, timeout: float = 2.0) -> Check:
-    url = api_url.rstrip("/") + "/health"
+def check_api(settings: Settings | str, timeout: float = 3.0) -> Check:
+    """The API answers, and is of the configured kind (detected read-only: nothing is written)."""
+    from gtp5g_op.gthulhu import factory
+    from gtp5g_op.gthulhu.detect import NAMES, detect
+
+    if isinstance(settings, str):
+        settings = load_settings(env={}, api_url=settings)
     try:
-        resp = requests.get(url, timeout=timeout)
-    except requests.RequestException as exc:
-        return Check("Gthulhu API", FAIL, f"{url}: {type(exc).__name__}",
-                     "start the Gthulhu API, or pass --api-url / set GTP5G_OP_API_URL")
-    if resp.status_code != 200:
-        return Check("Gthulhu API", FAIL, f"{url}: HTTP {resp.status_code}", "check the Gthulhu API's logs")
-    return Check("Gthulhu API", OK, f"{url}: HTTP 200")
+        with factory.probe_http(settings, timeout) as http:
+            found = detect(http)
+    except OpError as exc:
+        transport = any(w in exc.message for w in ("cannot connect", "no answer", "no complete answer", "connection broke"))
+        fix = "start the Gthulhu API, or pass --api-url / set GTP5G_OP_API_URL" if transport else exc.fix or ""
+        return Check("Gthulhu API", FAIL, exc.message, fix)
+    name = NAMES[found.kind]
+    if settings.api_kind not in ("auto", found.kind):
+        return Check("Gthulhu API", FAIL, f"{settings.api_url} is a {name}, not the configured {settings.api_kind} API",
+                     f"use --api {found.kind} (or auto)")
+    return Check("Gthulhu API", OK, f"{settings.api_url}: {name} ({found.evidence})")
 
 
-def run_checks(api_url: str) -> list[Check]:
+def check_api_login(settings: Settings, kind: str, timeout: float = 3.0) -> Check:
+    """Log in to the API with the configured credentials (a token is obtained, nothing is written)."""
+    from gtp5g_op.gthulhu import factory
+
+    name = "API login"
+    try:
+        with factory.connect(settings, kind) as client:
+            client.http.deadline = timeout
+            client.authenticate()
+    except OpError as exc:
+        return Check(name, FAIL, exc.message, exc.fix or "")
+    who = f"user {settings.username}" if kind == "manager" else "a token for the public key (RS256 verified)"
+    return Check(name, OK, f"{who}: accepted by {settings.api_url}")
+
+
+def check_decision_maker(settings: Settings, timeout: float = 3.0) -> Check:
+    """Read the node's Decision Maker (``--dm-url``); optional."""
+    from gtp5g_op.gthulhu import factory
+
+    try:
+        reader = factory.dm_reader(settings)
+        assert reader is not None
+        with reader.client as client:
+            client.http.deadline = timeout
+            entries = reader.entries()
+    except OpError as exc:
+        return Check("Decision Maker", FAIL, exc.message, exc.fix or "", required=False)
+    return Check("Decision Maker", OK, f"{settings.dm_url}: {len(entries)} resolved entries", required=False)
+
+
+def api_checks(settings: Settings) -> list[Check]:
+    """The API's kind, the login, and (with --dm-url) the Decision Maker."""
+    from gtp5g_op.gthulhu.detect import LEGACY, MANAGER, NAMES
+
+    kind_check = check_api(settings)
+    checks = [kind_check]
+    if kind_check.ok:
+        kind = MANAGER if NAMES[MANAGER] in kind_check.detail else LEGACY
+        checks.append(check_api_login(settings, kind))
+    if settings.dm_url:
+        checks.append(check_decision_maker(settings))
+    return checks
+
+
+def run_checks(settings: Settings | str) -> list[Check]:
     """Every check, in the order people read them."""
+    if isinstance(settings, str):
+        settings = load_settings(env={}, api_url=settings)
     checks = [check_tracefs(), check_pid_namespace(), check_bpf(), check_kernel_btf(), check_fentry()]
     checks += check_module()
     checks += check_devices()
     checks += check_tools()
-    checks.append(check_api(api_url))
+    checks += api_checks(settings)
     return checks
 
 

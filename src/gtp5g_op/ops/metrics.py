@@ -126,6 +126,13 @@ class Metrics:
         self.rejected = Counter(
             "gtp5g_op_rejected", "Subjects the validator rejected, by reason.", ["reason"], registry=reg
         )
+        self.boosted = Gauge(
+            "gtp5g_op_dm_boosted_pids",
+            "PIDs the node's Gthulhu Decision Maker boosts under gtp5g-op's policies (v1.x, --dm-url), "
+            "by whether gtp5g-op's validation accepted them.",
+            ["validated"],
+            registry=reg,
+        )
         self.info = Gauge("gtp5g_op_build_info", "Version of gtp5g-op.", ["version"], registry=reg)
         self.info.labels(version=__version__).set(1)
 
@@ -161,6 +168,11 @@ class Metrics:
     def token_renewed(self) -> None:
         """Count one token obtained from the API."""
         self.token_renewals.inc()
+
+    def observe_boosted(self, validated: int, unvalidated: int) -> None:
+        """What the Decision Maker boosts under gtp5g-op's policies: validated targets and other processes."""
+        self.boosted.labels(validated="true").set(validated)
+        self.boosted.labels(validated="false").set(unvalidated)
 
     def observe_rejected(self, reasons: Iterable[str]) -> None:
         """Count validator rejections, one per reason given (e.g. ``dead``, ``exe``, ``comm``)."""

@@ -262,7 +262,10 @@ class Pipeline:
         if self.overruns is not None:
             doc["stats"]["overruns"] = self.overruns
         if self.rejected:
-            doc["rejected"] = dict(sorted(self.rejected.items()))
+            # Distinct subjects per reason (at most REJECTED_SUBJECTS_MAX each); a subject seen again after
+            # it was forgotten (a dead pid in a paced replay) is checked again: "rejections" counts checks.
+            doc["rejected"] = {code: len(keys) for code, keys in sorted(self.rejected_subjects.items())}
+            doc["rejections"] = dict(sorted(self.rejected.items()))
         if self.exited_forgotten:
             doc["exited_forgotten"] = self.exited_forgotten
         if self.tracer is not None:

@@ -128,7 +128,7 @@ _REJECTED_WHY = {
     "dead": "{n} had exited or never ran on this host",
     "comm": "{n} carry another name now",
     "reused": "{n} pids belong to other processes now",
-    "exe": "{n} run an executable that no --exe-allow glob matches",
+    "exe": "{n} run an executable that is not allowed",
     "kthread": "{n} are kernel threads",
     "idle": "{n} were pid 0",
 }
@@ -147,7 +147,9 @@ def explain_rejections(rejected: dict[str, int], replay: bool, push: bool) -> di
                "without --validate to see its processes" + (", and push its pids with --no-validate only on the "
                                                             "machine where they run" if push else ""))
     elif top == "exe":
-        fix = "compare the --exe-allow globs (or targets.exe_allow) with `readlink /proc/PID/exe` of the targets"
+        fix = ("compare `readlink /proc/PID/exe` of the targets with --exe-allow (targets.exe_allow), or without "
+               "it with the default rule: a root-owned executable named like the target, in root-owned "
+               "directories (docs/live.md)")
     elif top in ("dead", "reused"):
         fix = "the targets exited before they could be checked: are the gNB and UE running?"
     elif top == "comm":
