@@ -51,24 +51,25 @@ int BPF_KPROBE(on_vfs_read_kprobe) { return 0; }
 
 
 # The tracer's own aggregation (tracer/aggregate.h) on a tracepoint, so it runs on any host: the same
-# map, the same N= lines, the same flush program as the gtp5g programs.
+# map, the same N= lines, the same flush program as the gtp5g programs. On getsid(2), which no other
+# probe of the project watches: bpf_printk lines of any probe reach every instance.
 AGG_C = r"""
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 char LICENSE[] SEC("license") = "GPL";
 #define GTP5G_OP_NHOOKS 1
 #define GTP5G_OP_HOOK_LEN 32
-static const char gtp5g_op_hooks[GTP5G_OP_NHOOKS][GTP5G_OP_HOOK_LEN] = {"aggtest/sys_enter_getppid"};
+static const char gtp5g_op_hooks[GTP5G_OP_NHOOKS][GTP5G_OP_HOOK_LEN] = {"aggtest/sys_enter_getsid"};
 #include "aggregate.h"
 
-SEC("tp/syscalls/sys_enter_getppid")
-int agg_getppid(void *ctx)
+SEC("tp/syscalls/sys_enter_getsid")
+int agg_getsid(void *ctx)
 {
 	__u64 n = gtp5g_op_agg_take(0);
 	__u64 id = bpf_get_current_pid_tgid();
 
 	if (n)
-		bpf_printk("aggtest/sys_enter_getppid: N=%llu, PID=%u, TGID=%u", n, (__u32)id, (__u32)(id >> 32));
+		bpf_printk("aggtest/sys_enter_getsid: N=%llu, PID=%u, TGID=%u", n, (__u32)id, (__u32)(id >> 32));
 	return 0;
 }
 """
@@ -272,8 +273,9 @@ def _host(tmp_path: Path, modules: bool = True, loaded: bool = True, btf: bool =
     if modules:
         (proc / "modules").write_text("gtp5g 151552 0 - Live 0x0\n" if loaded else "udp_tunnel 32768 0 - Live 0x0\n")
         (proc / "kallsyms").write_text(KALLSYMS if loaded else "")
-    if loaded and btf:
+    if loaded:
         (sys_ / "module/gtp5g").mkdir(parents=True)
+    if loaded and btf:
         (sys_ / "kernel/btf/gtp5g").write_bytes(
             _btf(list(funcs), struct.unpack_from("<I", base, 20)[0], base_types=3))
     return Host(proc=proc, sys=sys_)
@@ -362,14 +364,14 @@ class _Collector:
 
 
 def _calls_in_thread(n: int, name: str = "gtp5g-op-agg", pause: float = 0.0) -> tuple[int, float]:
-    """getppid() ``n`` times in a new thread; (its tid, when its first call was made)."""
+    """getsid(0) ``n`` times in a new thread; (its tid, when its first call was made)."""
     out: dict = {}
 
     def work() -> None:
         ctypes.CDLL(None).prctl(15, name.encode(), 0, 0, 0)
         out["tid"], out["t0"] = threading.get_native_id(), time.monotonic()
         for _ in range(n):
-            os.getppid()
+            os.getsid(0)
             if pause:
                 time.sleep(pause)
 
@@ -385,7 +387,7 @@ def test_aggregation_counts_exactly_prints_a_new_thread_at_once_and_flushes_at_d
         reader = _Collector(trace.pipe)
         try:
             with BpfObject(objs["agg"], interval=30.0) as bpf:  # no second line within the test
-                assert bpf.aggregates and bpf.attached == ["agg_getppid"]
+                assert bpf.aggregates and bpf.attached == ["agg_getsid"]
                 tid, t0 = _calls_in_thread(5000)
                 assert wait_for(lambda: reader.about(tid), 2.0) is not None, "a new thread prints at once"
                 first_at = next(when for when, ev in reader.events if ev.subject_pid == tid)
@@ -400,7 +402,7 @@ def test_aggregation_counts_exactly_prints_a_new_thread_at_once_and_flushes_at_d
     assert len(lines) == 2 and lines[1].count == 4999
     flushed = lines[1]
     assert flushed.rule == 1 and flushed.subject_comm == "gtp5g-op-agg"  # the comm the kernel kept
-    assert flushed.message.startswith("aggtest/sys_enter_getppid: N=4999, TGID=")
+    assert flushed.message.startswith("aggtest/sys_enter_getsid: N=4999, TGID=")
 
 
 @host_pids
@@ -437,7 +439,7 @@ ctypes.CDLL(None).prctl(15, b"nr-gnb", 0, 0, 0)
 sys.stdin.readline()
 n = int(sys.argv[1])
 for _ in range(n):
-    os.getppid()
+    os.getsid(0)
 print(n, flush=True)
 sys.stdin.readline()
 """
