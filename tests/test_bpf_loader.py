@@ -309,9 +309,9 @@ def test_host_facts_from_real_btf(tmp_path):
      "policePacket is not in the loaded gtp5g (absent from /proc/kallsyms): inlined by the compiler, or not in "
      "this gtp5g release (policePacket needs v0.9.0+)"),
     ({"btf": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv", "gtp5g is loaded without BTF"),
-    ({"loaded": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv", "gtp5g is not loaded: load it (modprobe gtp5g"),
-    ({"modules": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv",
-     "this kernel has no module support (CONFIG_MODULES is off: no /proc/modules), so gtp5g cannot be loaded here"),
+    ({"loaded": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv", "gtp5g is not loaded (no "),
+    ({"modules": False, "loaded": False}, errno.ESRCH, "fentry", "gtp5g_encap_recv",
+     "gtp5g cannot be loaded on this kernel (no module support, CONFIG_MODULES off)"),
     ({"kprobes": False}, errno.ENOENT, "kprobe", "ip4_find_route", "this kernel has no kprobes (CONFIG_KPROBES is off)"),
     ({"lockdown": "confidentiality"}, errno.EPERM, "kprobe", "ip4_find_route",
      "kernel lockdown (confidentiality) forbids this kprobe program"),

@@ -297,14 +297,15 @@ class Host:
 
 
 def module_reason(host: Host) -> str:
-    """Why no program on gtp5g can attach because of the module itself, or ``""`` (shared by all)."""
-    if not host.modules_supported:
-        return ("this kernel has no module support (CONFIG_MODULES is off: no /proc/modules), so gtp5g "
-                "cannot be loaded here: run the tracer on the UPF host")
-    if not host.module_loaded:
-        return ("gtp5g is not loaded: load it (modprobe gtp5g; build and install it first with gtp5g-op "
-                "patch-module and build module)")
-    return ""
+    """Why no program on gtp5g can attach because of the module itself, or ``""`` (shared by all).
+
+    In verify's words (``module_btf_problem``): no module support, or gtp5g not loaded.
+    """
+    if host.modules_supported and host.module_loaded:
+        return ""
+    from gtp5g_op.kernel.verify import module_btf_problem
+
+    return module_btf_problem(host.module, host.sys, host.proc)
 
 
 def explain(err: int, kind: str, function: str, stage: str, detail: str = "", host: Host | None = None) -> str:
