@@ -150,7 +150,7 @@ def guest(args: argparse.Namespace) -> dict:
         reader = threading.Thread(target=read, daemon=True)
         reader.start()
         t1 = time.monotonic()
-        bpf = BpfObject(args.obj, interval=args.interval).open()
+        bpf = BpfObject(args.obj, interval=args.interval, kprobe_fallback=True).open()
         doc["load_attach_s"] = round(time.monotonic() - t1, 2)
         doc["programs"] = [{k: r.to_dict()[k] for k in ("name", "function", "kind", "attached", "mechanism",
                                                            "fallback", "error")} for r in bpf.report]
@@ -271,7 +271,8 @@ def guest(args: argparse.Namespace) -> dict:
                              v == n - drops[name] for v in d["events"].values())}
     doc["events_in_other_threads"] = others
     doc["interval_s"] = args.interval
-    table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0"],
+    table = subprocess.run([sys.executable, "-m", "gtp5g_op", "tracer", "run", "--obj", args.obj, "--duration", "0",
+                            "--kprobe-fallback"],
                            capture_output=True, text=True, env=dict(os.environ, COLUMNS="80"))
     doc["tracer_run_table"] = table.stdout + table.stderr
     doc["watch_with_tracer"] = watch_phase(args)
@@ -288,7 +289,8 @@ def watch_phase(args: argparse.Namespace) -> dict:
     from gtp5g_op.trace.tracefs import TraceInstance, tail
 
     instance = f"gtp5g-op-vmwatch-{os.getpid()}"
-    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--json", "--no-threads", "--instance", instance,
+    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--with-tracer", "--kprobe-fallback", "--json", "--no-threads",
+           "--instance", instance,
            "--exe-allow", os.path.realpath(sys.executable)]  # the sender is a thread of this interpreter
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     sock.bind(("127.0.0.1", PORT))

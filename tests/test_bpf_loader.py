@@ -180,7 +180,7 @@ def test_gtp5g_object_gets_a_verdict_per_program_without_gtp5g(objs):
 
 
 def test_mixed_object_partial_attach_with_plain_words(objs):
-    with BpfObject(objs["mixed"]) as bpf:
+    with BpfObject(objs["mixed"], kprobe_fallback=True) as bpf:
         by_name = {r.name: r for r in bpf.report}
         assert bpf.attached == ["fine"] or sorted(bpf.attached) == ["fine", "on_vfs_read"]
     rejected = by_name["rejected"]
@@ -475,3 +475,15 @@ def test_watch_counts_every_event_of_an_aggregating_tracer_including_the_final_f
     mine = [p for p in report["processes"] if p["pid"] == helper.pid]
     assert len(mine) == 1 and mine[0]["comm"] == "nr-gnb" and mine[0]["valid"], report
     assert mine[0]["events"] == 2000
+
+
+def test_kprobe_fallback_is_opt_in_and_the_report_says_so(objs):
+    """Without kprobe_fallback the twin is not tried; the reason names the option (and why it is opt-in)."""
+    with BpfObject(objs["mixed"], programs=["on_vfs_read"]) as bpf:
+        (fentry,) = bpf.report
+    if fentry.attached:  # a kernel that takes fentry: nothing to fall back from
+        assert fentry.mechanism == "fentry"
+        return
+    assert fentry.mechanism == "" and not fentry.error.startswith("fentry: ")
+    assert fentry.error.endswith("; a kprobe could trace it: --kprobe-fallback (docs/tracer.md: the VM lab's "
+                                 "kernel crashed with it after a module reload)")

@@ -64,6 +64,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--speed", type=Number(0, 1e6), metavar="X", help="Replay at this many times the recorded pace.")
 @click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
+@click.option("--kprobe-fallback", is_flag=True,
+              help="With --with-tracer: kprobes where fentry/fexit is refused (docs/tracer.md).")
 @click.option("--tracer-interval", type=Number(0, 3600, min_open=False), metavar="SECONDS",
               help="With --with-tracer: one line per thread and hook this often (0: every event). [default: 1]")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
@@ -145,6 +147,7 @@ def watch(ctx: click.Context, **kw) -> None:
         pusher_factory=pusher_factory,
         with_tracer=kw["with_tracer"],
         tracer_interval=kw["tracer_interval"],
+        tracer_kprobe_fallback=kw["kprobe_fallback"],
         metrics_port=kw["metrics_port"],
         metrics_addr=kw["metrics_addr"],
         accelerate=not kw["no_accel"],

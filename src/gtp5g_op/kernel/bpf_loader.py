@@ -7,8 +7,8 @@ loads each program alone in a fresh object to learn its own verdict (errno and l
 then loads the programs that passed together and attaches each one.
 
 Fallback: a program ``<name>_kprobe`` in section ``kprobe/F`` (``kretprobe/F``) is the twin of the
-fentry (fexit) program ``<name>`` on the same function. The twin is attached only where the first
-choice is refused (e.g. a BPF trampoline for ip4_find_route's 7 arguments before Linux 6.6); the
+fentry (fexit) program ``<name>`` on the same function. With ``kprobe_fallback`` the twin is attached
+where the first choice is refused (e.g. a BPF trampoline for ip4_find_route's 7 arguments before Linux 6.6); the
 report keeps one row per first-choice program and names the mechanism that attached it.
 
 Aggregation (tracer/aggregate.h): the object's ``.rodata.agg`` holds the line interval, set before
@@ -29,7 +29,7 @@ import logging
 import os
 import re
 import threading
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from types import TracebackType
@@ -382,12 +382,15 @@ class BpfObject:
 
     ``programs`` limits the object to the named programs (default: all; kprobe twins and the flush
     program come with them). ``interval`` sets the aggregation interval in seconds (0: one line per
-    event) for objects that aggregate. Use as a context manager, or :meth:`open`, then :meth:`close`.
+    event) for objects that aggregate. ``kprobe_fallback`` attaches a refused fentry/fexit program's
+    kprobe twin (opt-in: Debian's 6.1 kernel died in the VM lab when gtp5g was reloaded and traced by
+    kprobes again; see docs/tracer.md). Use as a context manager, or :meth:`open`, then :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike, programs: Iterable[str] | None = None,
-                 interval: float | None = None, host: Host | None = None):
+                 interval: float | None = None, host: Host | None = None, kprobe_fallback: bool = False):
         self.path = Path(path)
+        self.kprobe_fallback = kprobe_fallback
         self.wanted = set(programs) if programs is not None else None
         if interval is not None and not 0 <= interval <= MAX_INTERVAL:
             raise UsageError(f"--interval must be between 0 and {MAX_INTERVAL:g} seconds, not {interval:g}",
@@ -589,8 +592,12 @@ class BpfObject:
             result = ProgramResult(name, self._sections[name], function, kind, loaded=stage == "attach",
                                    attached=False, errno=err, error=why, detail=detail)
             twin = name + TWIN_SUFFIX
-            if twin in self._sections and (self.host.in_vmlinux(function) or not module_reason(self.host)):
+            usable = twin in self._sections and (self.host.in_vmlinux(function) or not module_reason(self.host))
+            if usable and self.kprobe_fallback:
                 result = self._fall_back(result, twin, progs, failed)
+            elif usable:
+                result = replace(result, error=f"{why}; a kprobe could trace it: --kprobe-fallback "
+                                               "(docs/tracer.md: the VM lab's kernel crashed with it after a module reload)")
             self._results[name] = result
 
     def _attach_one(self, name: str, prog: int) -> tuple[int, list[str]]:
@@ -638,7 +645,8 @@ def _ensure_tracefs() -> None:
 
 
 def open_tracer(obj: str | os.PathLike | None = None, build_dir: str | os.PathLike | None = None,
-                programs: Iterable[str] | None = None, interval: float | None = None) -> BpfObject:
+                programs: Iterable[str] | None = None, interval: float | None = None,
+                kprobe_fallback: bool = False) -> BpfObject:
     """Load and attach the gtp5g tracer (built first when needed); close it to detach.
 
     Check ``report`` / ``attached``: programs that failed are in the report with the reason.
@@ -648,4 +656,4 @@ def open_tracer(obj: str | os.PathLike | None = None, build_dir: str | os.PathLi
         from gtp5g_op.kernel.tracer_build import ensure_built
 
         obj = ensure_built(build_dir)["gtp5g"]
-    return BpfObject(obj, programs, interval=interval).open()
+    return BpfObject(obj, programs, interval=interval, kprobe_fallback=kprobe_fallback).open()

@@ -70,6 +70,7 @@ class WatchOptions:
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     tracer_interval: float | None = None  # the tracer's aggregation interval (None: its default, 1 s)
+    tracer_kprobe_fallback: bool = False  # kprobe twins where fentry/fexit is refused
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # an IP address; the DaemonSet passes the pod IP
     accelerate: bool = True
@@ -413,11 +414,11 @@ def _push_status(pusher: Any, ok: bool) -> dict:
     return doc
 
 
-def _load_tracer(stack: contextlib.ExitStack, interval: float | None = None) -> Any:
+def _load_tracer(stack: contextlib.ExitStack, interval: float | None = None, kprobe_fallback: bool = False) -> Any:
     """Load and attach the bundled gtp5g tracer until the watch ends; the loaded BpfObject."""
     from gtp5g_op.kernel.bpf_loader import open_tracer
 
-    bpf = open_tracer(interval=interval)
+    bpf = open_tracer(interval=interval, kprobe_fallback=kprobe_fallback)
     stack.callback(bpf.close)
     if not bpf.attached:
         reasons = list(dict.fromkeys(r.error for r in bpf.report if r.error))
@@ -520,7 +521,7 @@ def _run_live(
             pipeline.boot_clock = True  # the instance's clock is "boot": exact pid-reuse checks
         bpf = None
         if opts.with_tracer:
-            bpf = _load_tracer(stack, opts.tracer_interval)
+            bpf = _load_tracer(stack, opts.tracer_interval, opts.tracer_kprobe_fallback)
             pipeline.tracer = [r.to_dict() for r in bpf.report]
         read_stop = threading.Event()  # its own: the tracer's final flush is read after `stop`
         reader = LiveReader(tracefs.tail(path, read_stop, batch_seconds=opts.read_batch,
