@@ -60,6 +60,8 @@ _OURS_RE = re.compile(r"\^\(\?P<(gtp5g_op|gtp5g_op_manual)>\)\(\?:(.*)\)\$", re.
 _RE2_META = frozenset("\\.+*?()|[]{}^$")
 _MAX_TOKEN = 16 << 10
 COMM_MAX_BYTES = 15  # TASK_COMM_LEN - 1: what the Decision Maker reads from /proc/<pid>/comm
+#: Seconds a push waits for its Decision Maker reading before reporting the previous one.
+DM_WAIT = 0.25
 
 
 # --- the commandRegex -------------------------------------------------------------------------------
@@ -498,8 +500,12 @@ def apply(client: ManagerClient, node: str, todo: Plan, kind: str = WATCH) -> No
 class ManagerBackend:
     """Makes a Manager hold one watch policy per (priority, time slice) for the targets' comms on ``node``.
 
-    With a Decision Maker reader (``dm``), every push also reads which PIDs the node really boosts
-    under these policies and which of them validation did not accept.
+    With a Decision Maker reader (``dm``), every push also asks which PIDs the node really boosts
+    under these policies and which of them validation did not accept. That read is optional and goes
+    to another server, so it runs in its own thread: a push waits for it at most :data:`DM_WAIT`
+    seconds (a local Decision Maker answers well within that) and otherwise reports the last reading
+    made for the same policies. A Decision Maker that hangs or refuses connections therefore never
+    delays the next change reaching the Manager.
     """
 
     kind = "manager"
@@ -512,6 +518,10 @@ class ManagerBackend:
         self.policy = policy
         self.dm = dm  # gtp5g_op.gthulhu.dm.DecisionMakerReader or None
         self._dm_failing = False
+        self._dm_lock = threading.Lock()
+        self._dm_reading: threading.Event | None = None  # set when the read in flight ends
+        self._dm_last: tuple[frozenset[str], dict[int, str]] | None = None  # (regexes read for, PID → regex)
+        self._closing = False
 
     @property
     def token_renewals(self) -> int:
@@ -529,25 +539,49 @@ class ManagerBackend:
             log.info("node %s: %s", self.node, _plan_text(todo))
         outcome = PushOutcome(owned=len(groups), summary=summary)
         if self.dm is not None:
-            self._read_dm(outcome, [comm_regex(cs) for cs in groups.values()], targets)
+            self._read_dm(outcome, frozenset(comm_regex(cs) for cs in groups.values()), targets)
         return outcome
 
-    def _read_dm(self, outcome: PushOutcome, regexes: list[str], targets: frozenset[Target]) -> None:
+    def _read_dm(self, outcome: PushOutcome, regexes: frozenset[str], targets: frozenset[Target]) -> None:
+        """Start a Decision Maker read (unless one is in flight), wait :data:`DM_WAIT` s, report the last reading."""
+        with self._dm_lock:
+            reading = self._dm_reading
+            if reading is None:
+                reading = self._dm_reading = threading.Event()
+                threading.Thread(target=self._dm_read, args=(regexes, reading), name="dm-reader", daemon=True).start()
+        reading.wait(DM_WAIT)
+        with self._dm_lock:
+            last = self._dm_last
+        if last is None or last[0] != regexes:
+            return  # nothing read yet for these policies
+        validated = {t.pid for t in targets} | {t.tgid for t in targets if t.tgid}
+        outcome.boosted = sorted(last[1])
+        outcome.unvalidated = sorted(set(last[1]) - validated)
+
+    def _dm_read(self, regexes: frozenset[str], done: threading.Event) -> None:
         try:
             boosted = self.dm.boosted(set(regexes))
         except ApiError as exc:
-            if not self._dm_failing:
+            if not self._dm_failing and not self._closing:
                 log.warning("cannot read the Decision Maker at %s: %s", self.dm.api_url, exc.one_line())
             self._dm_failing = True
-            return
-        if self._dm_failing:
-            log.warning("the Decision Maker at %s answers again", self.dm.api_url)
-        self._dm_failing = False
-        validated = {t.pid for t in targets} | {t.tgid for t in targets if t.tgid}
-        outcome.boosted = sorted(boosted)
-        outcome.unvalidated = sorted(set(boosted) - validated)
+        except Exception:  # noqa: BLE001 - an optional reading must not kill its thread silently
+            log.warning("reading the Decision Maker at %s failed", self.dm.api_url, exc_info=True)
+        else:
+            if self._dm_failing:
+                log.warning("the Decision Maker at %s answers again", self.dm.api_url)
+            self._dm_failing = False
+            with self._dm_lock:
+                self._dm_last = (regexes, boosted)
+        finally:
+            with self._dm_lock:
+                self._dm_reading = None
+            done.set()
 
     def close(self) -> None:
+        self._closing = True
+        if self.dm is not None:
+            self.dm.client.http.abort()  # a read still in flight ends now
         self.client.close()
         if self.dm is not None:
             self.dm.close()
@@ -582,7 +616,7 @@ def push_comms(client: ManagerClient, node: str, comms: Sequence[str], priority:
     if bad:
         raise OpError(f"comm {bad[0]!r} cannot be matched exactly (1 to {COMM_MAX_BYTES} bytes of UTF-8)",
                       "give the comm as /proc/<pid>/comm shows it")
-    policies = [p for p in client.list_policies() if node in p.node_names or p.node_selectors or p.dra_selectors]
+    policies = [p for p in client.list_policies() if applies_to(p, node) is not False]
     result = ManualResult()
     todo: list[tuple[str, NodePolicy | None]] = []
     for comm in sorted(set(comms)):
@@ -645,12 +679,23 @@ def prune(client: ManagerClient, node: str) -> list[NodePolicy]:
     return deleted
 
 
+def applies_to(policy: NodePolicy, node: str) -> bool | None:
+    """Whether ``policy`` covers ``node``: the Manager ANDs the non-empty selector kinds, and this client
+    cannot evaluate node labels or DRA devices, so a policy with such selectors is None (unknown) unless
+    its node names already leave ``node`` out."""
+    if policy.node_names and node not in policy.node_names:
+        return False
+    if policy.node_selectors or policy.dra_selectors:
+        return None
+    return bool(policy.node_names)
+
+
 def describe(policies: Sequence[NodePolicy], node: str) -> list[dict]:
     """Rows for ``strategies list`` against a Manager."""
     rows = []
     for p in policies:
         rows.append(p.as_json() | {
-            "this_node": node in p.node_names,
+            "this_node": applies_to(p, node),
             "execution_time_human": format_duration_ns(p.execution_time) if p.execution_time > 0 else "-",
         })
     return rows
