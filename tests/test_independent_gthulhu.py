@@ -23,14 +23,14 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import host_pids, open_fifo_writer, require_root, wait_for
+from conftest import host_pids, require_root, wait_for
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gthulhu_fixtures import manager_args, start_server
-from independent_gthulhu import Server, State
+from independent_gthulhu import Server, State, free_port
 
 from gtp5g_op.cli import main
 from gtp5g_op.config import load_settings
-from gtp5g_op.errors import EXIT_API, EXIT_FAIL, EXIT_USAGE, UsageError
+from gtp5g_op.errors import EXIT_API, EXIT_FAIL, UsageError
 from gtp5g_op.gthulhu import factory
 from gtp5g_op.gthulhu.detect import LEGACY, MANAGER, detect
 from gtp5g_op.gthulhu.http import HttpClient
@@ -356,6 +356,30 @@ def test_wrong_password_is_one_line_naming_the_url_and_the_servers_words(cluster
     res = run("push", "--comm", "nr-gnb", NODE_NAME="no-such-node")
     assert res.exit_code == EXIT_API and "no nodes match" in one_line_error(res.output)
     assert cluster["state"].writes() and not watch_policies(cluster["state"])
+
+
+def test_watch_push_with_refused_credentials_stops_at_once_with_one_line(cluster, legacy, tmp_path, caplog):
+    """A watch could never push with these: exit 4 before tracing, naming the URL and the server's words."""
+    down = load_settings(env={"GTP5G_OP_PASSWORD": PASSWORD}, api_url=f"http://127.0.0.1:{free_port()}",
+                         api_kind="manager", username=USER)
+    assert factory.preflight(down) == MANAGER  # no answer yet: the pusher logs in once it answers
+    assert "cannot log in to" in caplog.text and "pushing once it answers" in caplog.text
+
+    env = {"GTP5G_OP_STATE_DIR": str(tmp_path / "state"), "NODE_NAME": NODE, "GTP5G_OP_USERNAME": USER}
+    watch = ["watch", "--replay", "--push", "--no-validate", "--interval", "1"]
+    url = cluster["manager"].url
+    for password, user, words in (("not-it", USER, "HTTP 401: invalid password"),
+                                  ("newbie-pw", "newbie", "HTTP 403: password change required")):
+        res = cli(*watch, "--api-url", url, "--username", user, env={**env, "GTP5G_OP_PASSWORD": password})
+        line = one_line_error(res.output)
+        assert res.exit_code == EXIT_API and url in line and words in line and password not in res.output
+    pub = tmp_path / "other.pub"
+    pub.write_bytes(cluster["state"].public_pem())  # not the legacy server's key
+    res = cli(*watch, "--api-url", legacy.url, "--public-key", str(pub), env=env)
+    assert res.exit_code == EXIT_API and "Public key verification failed" in one_line_error(res.output)
+    res = cli(*watch, "--api", "legacy", "--api-url", url, "--public-key", str(pub), env=env)
+    assert res.exit_code == EXIT_API and "--api manager" in one_line_error(res.output)
+    assert cluster["state"].writes() == [] and legacy.state.writes() == []
 
 
 def test_doctor_fails_a_manager_user_who_may_log_in_but_not_read_policies(cluster, tmp_path):
