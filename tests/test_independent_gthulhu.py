@@ -207,6 +207,28 @@ def test_rotating_refresh_tokens_a_revoked_session_and_a_lapsing_token_never_fai
     assert len({r.body["refreshToken"] for r in refreshes}) == len(refreshes)  # a rotated token is never reused
 
 
+def test_a_rotated_password_in_the_password_file_is_picked_up_without_a_restart(cluster, tmp_path):
+    """An admin changes the user's password (every session revoked) and updates the mounted Secret."""
+    state = cluster["state"]
+    pw = tmp_path / "password"
+    pw.write_text(PASSWORD + "\n")
+    s = load_settings(env={}, api_url=cluster["manager"].url, api_kind="manager", username=USER, node_name=NODE,
+                      password_file=str(pw), interval=1.0, state_dir=str(tmp_path / "state"))
+    pusher = factory.make_pusher(s)
+    pusher.start()
+    try:
+        pusher.update([Target(101, 101, "nr-gnb")])
+        assert wait_for(lambda: watch_policies(state), 3.0) is not None
+        state.user(USER).password = "Rotated-Pa55"
+        state.user(USER).token_version += 1
+        pw.write_text("Rotated-Pa55\n")
+        pusher.update([Target(101, 101, "nr-gnb"), Target(201, 201, "nr-ue")])
+        assert wait_for(lambda: "nr-ue" in watch_policies(state)[0]["commandRegex"], 3.0) is not None
+    finally:
+        pusher.stop(final_push=False)
+    assert pusher.status.pushes_failed == 0
+
+
 @pytest.mark.parametrize("new_key", [False, True], ids=["same-key", "new-signing-key"])
 def test_a_manager_restart_mid_watch_is_repaired_within_one_interval(cluster, tmp_path, new_key):
     state = cluster["state"]

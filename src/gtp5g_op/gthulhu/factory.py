@@ -92,8 +92,9 @@ def legacy_client(settings: Settings, url: str | None = None, retries: int = 2) 
 def manager_client(settings: Settings, retries: int = 2) -> ManagerClient:
     require_credentials(settings, MANAGER)
     assert settings.username is not None
+    source = settings.manager_password if settings.password_file is not None else None
     return ManagerClient(settings.api_url, settings.username, settings.manager_password(),
-                         **_http_options(settings, retries))
+                         password_source=source, **_http_options(settings, retries))
 
 
 def dm_reader(settings: Settings) -> DecisionMakerReader | None:

@@ -30,7 +30,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -245,6 +245,7 @@ class ManagerClient:
         backoff_jitter: float = 0.1,
         deadline: float = DEFAULT_DEADLINE,
         max_body: int = DEFAULT_MAX_BODY,
+        password_source: Callable[[], Secret] | None = None,
     ):
         self.http = HttpClient(
             api_url, ca_bundle=ca_bundle, insecure=insecure, timeout=timeout, deadline=deadline, retries=retries,
@@ -254,6 +255,7 @@ class ManagerClient:
         self.api_url = self.http.base_url
         self.username = username
         self._password = password
+        self._password_source = password_source  # reads the password file again (a rotated Kubernetes Secret)
         self._access: Secret | None = None
         self._refresh: Secret | None = None
         self._renew_at = 0.0
@@ -291,6 +293,9 @@ class ManagerClient:
     def _login(self) -> None:
         body = {"username": self.username, "password": self._password.reveal()}
         reply = self.http.request("POST", LOGIN_PATH, body=body)
+        if reply.status == 401 and self._new_password():
+            body["password"] = self._password.reveal()
+            reply = self.http.request("POST", LOGIN_PATH, body=body)
         if reply.status >= 400:
             if reply.status in (401, 403, 422):
                 fix = ("check --username (GTP5G_OP_USERNAME) and the password "
@@ -301,6 +306,22 @@ class ManagerClient:
                 fix = "check the Gthulhu Manager's log"
             raise self.http.error(reply, fix)
         self._take_tokens(reply)
+
+    def _new_password(self) -> bool:
+        """After a refused login: read the password file again; True when it now holds another password."""
+        if self._password_source is None:
+            return False
+        try:
+            fresh = self._password_source()
+        except OpError as exc:
+            log.debug("cannot read the password again: %s", exc.one_line())
+            return False
+        if fresh.reveal() == self._password.reveal():
+            return False
+        self.http.redactor.add(fresh)
+        self._password = fresh
+        log.info("the password file changed; logging in to %s with the new password", self.api_url)
+        return True
 
     def _renew(self) -> None:
         """Refresh the token pair, or log in again when the refresh token is refused."""
