@@ -9,9 +9,9 @@ Only requests that change nothing on any Gthulhu server are sent, in this order:
    exists behind its token check); legacy servers answer 404.
 3. ``POST /api/v1/auth/token`` with ``{}``: a legacy server answers 400 or 401 ``{"success": false,
    ...}`` (no public key, so no token). So does a v1.0 to v1.2 Decision Maker (no node-intents route
-   yet); it is told apart by its 404 to step 1: v1.x servers are echo applications, whose 404 is the
-   JSON ``{"message": "Not Found"}``, while the legacy server (gorilla/mux) answers ``404 page not
-   found`` as text.
+   yet). It is told apart by two signs together: its 404 to step 1 is echo's JSON ``{"message": "Not
+   Found"}`` (the legacy server, a gorilla/mux application, answers ``404 page not found`` as text),
+   and ``GET /version`` lists its ``/api/v1/intents`` endpoint (the legacy server has no /version).
 
 Anything else is an error, and nothing is written: a wrong guess never reaches a write.
 """
@@ -48,6 +48,12 @@ def _echo_not_found(reply: Reply) -> bool:
     return reply.status == 404 and isinstance(doc, dict) and doc.get("message") == "Not Found" and "success" not in doc
 
 
+def _dm_version(http: HttpClient) -> bool:
+    """Whether ``GET /version`` is a v1.x Decision Maker's: its endpoint list names /api/v1/intents."""
+    doc = http.request("GET", "/version").json()
+    return isinstance(doc, dict) and isinstance(doc.get("endpoints"), str) and "/api/v1/intents" in doc["endpoints"]
+
+
 def _dm_error(http: HttpClient) -> UsageError:
     return UsageError(
         f"{http.base_url} is a Gthulhu v1.x Decision Maker, which takes no pushes (its Manager overwrites it)",
@@ -66,7 +72,7 @@ def detect(http: HttpClient) -> Detection:
             raise _dm_error(http)
         token = http.request("POST", "/api/v1/auth/token", body={})
         if token.status in (400, 401) and _gthulhu_error(token):
-            if _echo_not_found(login):  # a Decision Maker older than v1.3 (no node-intents routes)
+            if _echo_not_found(login) and _dm_version(http):  # a Decision Maker older than v1.3
                 raise _dm_error(http)
             found = Detection(LEGACY, f"POST /api/v1/auth/token answered {token.status}")
         else:

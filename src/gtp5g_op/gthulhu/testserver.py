@@ -495,7 +495,9 @@ class Handler(BaseHTTPRequestHandler):
                 if not self._apply_fault(False):
                     self._reply(200, {"status": "healthy", "timestamp": _now(), "service": "gthulhu-testserver"})
             elif path == "/version" and method == "GET" and self.mode != "legacy":
-                self._reply(200, {"message": "BSS Metrics API Server", "version": "1.0.0", "endpoints": "/health, /version"})
+                endpoints = ("/health, /version, POST_/api/v1/intents, GET_/api/v1/scheduling/strategies"
+                             if self.mode == "dm" else "/api/v1/auth/token (POST), /health (GET), /static/ (Frontend)")
+                self._reply(200, {"message": "BSS Metrics API Server", "version": "1.0.0", "endpoints": endpoints})
             elif self.mode == "manager":
                 self._manager(method, path)
             elif self.mode == "dm":
