@@ -212,15 +212,22 @@ def _policy(item: Any) -> NodePolicy | str:
 
 def _token_lifetime(token: str) -> float:
     """Seconds an access token lives, from its own ``iat``/``exp`` (read, not verified: the client has no
-    key for it), else :data:`DEFAULT_ACCESS_LIFETIME`; it is only used to renew in time."""
+    key for it), from ``exp`` and this host's clock when it has no ``iat``, else
+    :data:`DEFAULT_ACCESS_LIFETIME`; it is only used to renew in time (a 401 renews anyway)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
         exp, iat = claims.get("exp"), claims.get("iat")
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)) and 1 < exp - iat < 7 * 86400:
+        if not _number(iat):
+            iat = time.time()
+        if _number(exp) and 1 < exp - iat < 7 * 86400:
             return float(exp - iat) - 1.0  # whole seconds: the token may be up to 1 s older than iat says
     except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError):
         pass
     return DEFAULT_ACCESS_LIFETIME
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) < 2**53
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -333,9 +340,10 @@ class ManagerClient:
             log.debug("refreshing the token was refused (HTTP %d); logging in again", reply.status)
             self._login()
             return
-        self._take_tokens(reply)
+        self._take_tokens(reply, refreshed=True)
 
-    def _take_tokens(self, reply: Reply) -> None:
+    def _take_tokens(self, reply: Reply, refreshed: bool = False) -> None:
+        """Keep the answer's tokens; a refresh answer without a refresh token keeps the current one."""
         doc = reply.json()
         data = doc.get("data") if isinstance(doc, dict) and isinstance(doc.get("data"), dict) else {}
         access = data.get("accessToken") or data.get("token")
@@ -349,7 +357,10 @@ class ManagerClient:
                            "check that --api-url is a Gthulhu v1.x Manager")
         lifetime = _token_lifetime(access)
         self._access = Secret(access)
-        self._refresh = Secret(refresh) if isinstance(refresh, str) and 0 < len(refresh) <= _MAX_TOKEN else None
+        if isinstance(refresh, str) and 0 < len(refresh) <= _MAX_TOKEN:
+            self._refresh = Secret(refresh)
+        elif not refreshed:
+            self._refresh = None
         self._renew_at = time.monotonic() + lifetime - min(10.0, lifetime * 0.2)
         self.token_renewals += 1
         log.debug("token from %s valid for %.0f s", reply.url, lifetime)
