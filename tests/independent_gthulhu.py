@@ -184,6 +184,7 @@ class Request:
     path: str
     authorized: bool
     body: Any
+    status: int = 0  # the answer's
 
 
 class State:
@@ -287,6 +288,8 @@ class GoishHandler(BaseHTTPRequestHandler):
              headers: dict[str, str] | None = None) -> None:
         if self.options.get("latency"):
             time.sleep(self.options["latency"])
+        if getattr(self, "record", None) is not None:
+            self.record.status = status
         self._served = getattr(self.server, "served", 0) + 1
         self.server.served = self._served  # type: ignore[attr-defined]
         close = bool(self.options.get("close_every")) and self._served % self.options["close_every"] == 0
@@ -337,8 +340,9 @@ class GoishHandler(BaseHTTPRequestHandler):
             body = json.loads(self.raw) if self.raw else None
         except ValueError:
             body = self.raw[:200]
+        self.record = Request(self.command, path, "Authorization" in self.headers, body)
         with self.state.lock:
-            self.state.requests.append(Request(self.command, path, "Authorization" in self.headers, body))
+            self.state.requests.append(self.record)
         try:
             self.route(self.command, path)
         except (BrokenPipeError, ConnectionResetError):
@@ -371,6 +375,9 @@ class LegacyHandler(GoishHandler):
             self.send(404, b"404 page not found\n", "text/plain; charset=utf-8", {"X-Content-Type-Options": "nosniff"})
             return
         if allowed is None:
+            if self.options.get("echo_404"):  # not gorilla's: a double whose 404 looks like echo's
+                self.json(404, ECHO_404)
+                return
             self.send(404, b"404 page not found\n", "text/plain; charset=utf-8",
                       {"X-Content-Type-Options": "nosniff"})
             return
@@ -554,6 +561,8 @@ class ManagerHandler(EchoHandler):
         now = int(time.time())
         common = {"uid": user.uid, "needChangePassword": user.status == 3, "tokenVersion": user.token_version,
                   "iss": "bss-api-server", "sub": user.uid, "iat": now, "nbf": now}
+        if self.options.get("no_iat"):  # a variant whose tokens carry exp only
+            del common["iat"], common["nbf"]
         access = self.state.sign({**common, "tokenType": "access", "exp": now + self.state.access_ttl})
         jti = os.urandom(10).hex()
         refresh = self.state.sign({**common, "tokenType": "refresh", "exp": now + self.state.refresh_ttl, "jti": jti})
@@ -660,6 +669,15 @@ class ManagerHandler(EchoHandler):
             self.error(400, "refreshToken is required")
             return
         with self.state.lock:
+            if self.options.get("no_rotation"):  # a variant that keeps the refresh token: access token only
+                claims = self._claims(req["refreshToken"])
+                user = None if isinstance(claims, tuple) else self._user_by_uid(claims.get("uid"))
+                if user is None or claims.get("tokenType") != "refresh":
+                    self.error(401, "invalid refresh token")
+                    return
+                access = self._issue(user)["accessToken"]
+                self.ok({"accessToken": access})
+                return
             user = self._refresh_session(req["refreshToken"], revoke=True)
             if user is None:
                 return

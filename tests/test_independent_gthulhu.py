@@ -138,6 +138,9 @@ def test_a_decision_maker_older_than_1_3_is_not_taken_for_a_legacy_server():
             detect(HttpClient(old_dm.url))
     assert "Decision Maker" in err.value.message
     assert state.writes() == []
+    # a legacy server whose 404s happen to look like echo's is still legacy: it has no DM /version
+    with Server("legacy", State(), echo_404=True) as odd_legacy:
+        assert detect(HttpClient(odd_legacy.url)).kind == LEGACY
 
 
 def test_a_wrong_explicit_api_fails_on_its_first_call_and_writes_nothing(cluster, legacy, tmp_path):
@@ -227,6 +230,29 @@ def test_a_rotated_password_in_the_password_file_is_picked_up_without_a_restart(
     finally:
         pusher.stop(final_push=False)
     assert pusher.status.pushes_failed == 0
+
+
+def test_tokens_without_iat_and_a_refresh_that_does_not_rotate(tmp_path):
+    """Variations the contract allows: access tokens with ``exp`` only, a refresh answering only a new
+    access token. The client renews in time (no call answered 401) and keeps its refresh token."""
+    state = State(nodes=(NODE,))
+    state.add_user(USER, PASSWORD)
+    state.access_ttl = 3
+    with Server("manager", state, no_iat=True, no_rotation=True) as manager:
+        s = load_settings(env={"GTP5G_OP_PASSWORD": PASSWORD}, api_url=manager.url, api_kind="manager", username=USER,
+                          node_name=NODE, interval=0.5, state_dir=str(tmp_path / "state"))
+        pusher = factory.make_pusher(s)
+        pusher.start()
+        try:
+            pusher.update([Target(101, 101, "nr-gnb")])
+            assert wait_for(lambda: watch_policies(state), 3.0) is not None
+            time.sleep(6.5)
+        finally:
+            pusher.stop(final_push=False)
+    assert pusher.status.pushes_failed == 0
+    assert [r for r in state.requests if r.status == 401] == []
+    assert sum(r.path == "/api/v1/auth/refresh" for r in state.requests) >= 2
+    assert sum(r.path == "/api/v1/auth/login" for r in state.requests) == 1
 
 
 @pytest.mark.parametrize("new_key", [False, True], ids=["same-key", "new-signing-key"])
@@ -574,3 +600,39 @@ def test_live_watch_pushes_nr_gnb_to_the_manager_within_a_second(selftest_probe,
     assert PASSWORD.encode() not in out + err and b"eyJ" not in out + err
     assert others_untouched(cluster) and not (Path("/sys/kernel/tracing/instances") / instance).exists()
     print(f"policy on the Manager {latency:.3f} s after nr-gnb started; gone {gone:.2f} s after it ended")
+
+
+@host_pids
+def test_live_watch_pushes_nr_gnb_threads_to_the_legacy_server_within_a_second(selftest_probe, legacy, tmp_path):
+    state = legacy.state
+    state.legacy_ttl = 2  # tokens lapse during the run
+    instance = f"gtp5g-op-indep-legacy-{os.getpid()}"
+    pub = tmp_path / "legacy.pub"
+    pub.write_bytes(state.public_pem())
+    cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--push", "--json", "--interval", "1", "-v", "--instance", instance,
+           "--api-url", legacy.url, "--public-key", str(pub)]
+    watch = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, "GTP5G_OP_STATE_DIR": str(tmp_path / "state")})
+    pipe = Path("/sys/kernel/tracing/instances") / instance / "trace_pipe"
+
+    def pids() -> set[int]:
+        return {e["pid"] for e in state.legacy_posted or [] if "pid" in e}
+
+    try:
+        assert wait_for(lambda: pipe.exists() or watch.poll() is not None, 15) is not None and watch.poll() is None
+        time.sleep(0.3)
+        with workload.start("nr-gnb", threads=3, rate=200) as wl:
+            expected = {wl.pid, *wl.ready.tids}
+            latency = wait_for(lambda: expected <= pids(), 5)
+            assert latency is not None and latency < 1.0, latency
+            time.sleep(2.5)
+        gone = wait_for(lambda: not (expected & pids()), 5)
+        assert gone is not None and gone < 2.5, gone
+    finally:
+        watch.send_signal(15)
+        out, err = watch.communicate(timeout=20)
+    assert watch.returncode == 0, err.decode()[-2000:]
+    report = json.loads(out)
+    assert report["push"]["api"] == "legacy" and report["push"]["pushes_failed"] == 0
+    assert b"is a legacy Gthulhu API server (auto-detected" in err and b"eyJ" not in out + err
+    print(f"PID strategies on the legacy server {latency:.3f} s after nr-gnb started; gone {gone:.2f} s after it ended")
