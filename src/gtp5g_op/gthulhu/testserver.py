@@ -577,7 +577,8 @@ class Handler(BaseHTTPRequestHandler):
     def _get_strategies(self) -> None:
         with self.state.lock:
             resolved = self.state.resolved()
-        self._reply(200, {"success": True, "message": "Scheduling strategies retrieved", "timestamp": _now(), "scheduling": resolved})
+        self._reply(200, {"success": True, "message": "Scheduling strategies retrieved", "timestamp": _now(),
+                          "scheduling": resolved or None})  # Go's nil slice: null when nothing resolves
 
     def _post_strategies(self) -> None:
         body = self._body()
