@@ -269,3 +269,17 @@ def test_any_environment_gives_settings_or_one_usage_error(env):
         assert isinstance(load_settings(env=env), Settings)
     except UsageError as exc:
         assert exc.message and exc.fix
+
+
+def test_a_path_under_an_unknown_users_home_is_one_usage_error(monkeypatch):
+    """GTP5G_OP_PUBLIC_KEY='~0' (found by the hypothesis test above): pathlib raises RuntimeError."""
+    from click.testing import CliRunner
+
+    from gtp5g_op import config
+    from gtp5g_op.cli import main
+    from gtp5g_op.errors import UsageError
+
+    with pytest.raises(UsageError, match="no such user's home directory"):
+        config._path("~0", "public_key", True)
+    res = CliRunner().invoke(main, ["verify", "x.ko", "--symvers", "~gtp5g-op-nosuchuser/x"])
+    assert res.exit_code == 2 and "no such user's home directory" in res.output and "Traceback" not in res.output
