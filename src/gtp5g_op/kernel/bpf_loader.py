@@ -208,6 +208,7 @@ class Host:
     sys: Path = Path("/sys")
     module: str = MODULE
     _kallsyms: set[str] | None = field(default=None, repr=False)
+    _btf: dict[tuple[str, bool], tuple[str, int] | None] = field(default_factory=dict, repr=False)
 
     @property
     def modules_supported(self) -> bool:
@@ -268,6 +269,13 @@ class Host:
         return self._btf_lookup(function, module=True)
 
     def _btf_lookup(self, function: str, module: bool) -> tuple[str, int] | None:
+        """``function`` in vmlinux's BTF or the module's, parsed once per function (a parse is not cheap)."""
+        key = (function, module)
+        if key not in self._btf:
+            self._btf[key] = self._parse_btf(function, module)
+        return self._btf[key]
+
+    def _parse_btf(self, function: str, module: bool) -> tuple[str, int] | None:
         """Parse the BTF with libbpf (vmlinux's, and the module's split on it) and describe ``function``."""
         base_path, mod_path = self.sys / "kernel/btf/vmlinux", self.module_btf
         if not base_path.is_file() or (module and not mod_path.is_file()):
@@ -355,9 +363,13 @@ def explain(err: int, kind: str, function: str, stage: str, detail: str = "", ho
 
 
 def _function_reason(function: str, host: Host, need_btf: bool) -> str:
-    """Why ``function`` of gtp5g cannot be traced at all (``need_btf``: by fentry/fexit), or ``""``."""
-    if host.in_vmlinux(function):
-        return ""  # a function of the kernel itself: nothing about gtp5g applies
+    """Why ``function`` of gtp5g cannot be traced at all (``need_btf``: by fentry/fexit), or ``""``.
+
+    Cheapest first: a function in the loaded gtp5g's BTF exists, so neither vmlinux's BTF nor
+    /proc/kallsyms (slow to read) is looked at then.
+    """
+    if host.btf_function(function) is not None or host.in_vmlinux(function):
+        return ""  # in gtp5g's BTF, or a function of the kernel itself: nothing about gtp5g stands in the way
     if why := module_reason(host):
         return why
     if not host.in_kallsyms(function):
@@ -371,10 +383,8 @@ def _function_reason(function: str, host: Host, need_btf: bool) -> str:
         return module_btf_problem(host.module, host.sys, host.proc)  # the words verify uses too
     # BTF linkage is no verdict: pahole 1.24 (Debian 12) marks every module function static, and
     # fentry attaches to them all the same (measured on gtp5g v0.10.2 under Linux 6.1).
-    if host.btf_function(function) is None:
-        return (f"{function} is not in gtp5g's BTF: run gtp5g-op patch-module (it makes the function "
-                "global and exported), rebuild, reload")
-    return ""
+    return (f"{function} is not in gtp5g's BTF: run gtp5g-op patch-module (it makes the function "
+            "global and exported), rebuild, reload")
 
 
 class BpfObject:
@@ -592,7 +602,7 @@ class BpfObject:
             result = ProgramResult(name, self._sections[name], function, kind, loaded=stage == "attach",
                                    attached=False, errno=err, error=why, detail=detail)
             twin = name + TWIN_SUFFIX
-            usable = twin in self._sections and (self.host.in_vmlinux(function) or not module_reason(self.host))
+            usable = twin in self._sections and (not module_reason(self.host) or self.host.in_vmlinux(function))
             if usable and self.kprobe_fallback:
                 result = self._fall_back(result, twin, progs, failed)
             elif usable:
