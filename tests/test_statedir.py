@@ -250,3 +250,43 @@ def test_strategies_push_with_an_unusable_state_dir_fails_before_touching_the_ap
     listed = CliRunner().invoke(main, ["strategies", "list", "--json", "--api-url", gthulhu_server.url,
                                        "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
     assert listed.exit_code == 0, listed.output  # listing needs no state
+
+
+def test_strategies_push_on_a_full_disk_fails_before_touching_the_api(gthulhu_server, tmp_path):
+    """A state directory that looks fine but cannot take a write (ENOSPC): the old code pushed the PID,
+    then failed to record it (exit 3), leaving a strategy on the server that prune would never remove."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    require_root("mounts a tiny tmpfs")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0755", "tmpfs", str(mnt)], check=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        state = mnt / "state"
+        StateDir(state).ensure()
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # fill the file system to the last byte
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        before = gthulhu_server.state()["strategies"]
+        args = ["--api-url", gthulhu_server.url, "--public-key", str(gthulhu_server.public_key),
+                "--state-dir", str(state)]
+        out = CliRunner().invoke(main, ["strategies", "push", "--pid", str(sleeper.pid), *args])
+        assert out.exit_code == 3 and "No space left on device" in out.output, out.output
+        assert gthulhu_server.state()["strategies"] == before
+        assert sleeper.pid not in gthulhu_server.pids()
+        out = CliRunner().invoke(main, ["strategies", "delete", "--pid", "4242", *args])
+        assert out.exit_code == 3 and gthulhu_server.state()["strategies"] == before, out.output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)

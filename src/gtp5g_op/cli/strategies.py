@@ -37,10 +37,14 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
     return load_settings(given.get("config"), **api_flags(ctx), state_dir=given.get("state_dir"), **flags)
 
 
-def _store(settings: Settings) -> OwnershipStore:
-    """The ownership file; an unusable state directory is an error now, before the API is changed."""
+def _store(settings: Settings, writing: bool = True) -> OwnershipStore:
+    """The ownership file; when ``writing``, a state directory that cannot keep it (unsafe, read-only,
+    full) is an error now, before the API is changed."""
     store = OwnershipStore(settings.api_url, settings.state_dir)
-    store.dir.ensure()
+    if writing:
+        store.check_writable()
+    else:
+        store.dir.ensure()
     return store
 
 
@@ -131,7 +135,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
         _emit_json(entries)
         return
     try:
-        owners = _store(settings).load()
+        owners = _store(settings, writing=False).load()
     except StateDirError as exc:  # listing needs no state: say who owns what as far as is known
         log.warning("owners unknown: %s", exc.one_line())
         owners = {}
