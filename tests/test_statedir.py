@@ -290,3 +290,34 @@ def test_strategies_push_on_a_full_disk_fails_before_touching_the_api(gthulhu_se
         sleeper.kill()
         sleeper.wait()
         subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_symlink_another_user_planted_above_the_state_dir_is_never_followed(open_tmp):
+    """uid 65534 plants /tmp/<x> -> a root directory of its choice; root then runs with --state-dir
+    /tmp/<x>/state. The old code resolved the path once (realpath) and created its directory, lock
+    directory and ownership file inside the attacker's pick."""
+    require_root()
+    target = open_tmp / "chosen-by-the-attacker"
+    target.mkdir(mode=0o755)
+    planted = Path(f"/tmp/gtp5g-op-planted-{os.getpid()}")
+    as_user(lambda: os.symlink(target, planted))
+    try:
+        assert planted.lstat().st_uid == NOBODY
+        with pytest.raises(StateDirError) as exc:
+            StateDir(planted / "state").ensure()
+        assert exc.value.exit_code == EXIT_ENV
+        assert f"{planted} is a symlink owned by uid {NOBODY}" in exc.value.one_line()
+        assert not (target / "state").exists()
+    finally:
+        planted.unlink()
+
+
+def test_symlinks_root_owns_above_the_state_dir_are_followed(base):
+    """/var/run -> /run: a symlink only root could have made is resolved as before."""
+    real = base / "real"
+    real.mkdir(mode=0o755)
+    (base / "alias").symlink_to("real")  # relative, resolved against its own directory
+    (base / "abs").symlink_to(base / "alias")  # a chain
+    sd = StateDir(base / "abs" / "sub" / ".." / "state")
+    sd.write("f", b"x")
+    assert (real / "state" / "f").read_bytes() == b"x"
