@@ -289,6 +289,22 @@ def test_a_closed_stdout_ends_quietly():
     assert err == b"", err.decode()
 
 
+@pytest.mark.parametrize("args", [["watch", "--replay"], ["--help"], ["watch", "--help"], ["doctor"],
+                                  ["watch", "--replay", "--no-validate", "--json"]])
+def test_a_stdout_closed_before_the_first_write_ends_quietly_with_0(args):
+    """The reader of stdout is gone before anything is written (``| head -1`` that already exited): rich's
+    own broken-pipe handler (tables) and click's (help of the top group) exited 1, "the answer is no"."""
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gtp5g_op", *args], stdout=wfd, stderr=subprocess.PIPE,
+                              timeout=60)
+    finally:
+        os.close(wfd)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b"", proc.stderr.decode()
+
+
 def test_a_bug_is_one_line_exit_70_and_vv_shows_the_traceback(monkeypatch):
     """An exception nobody turned into an OpError: one line saying it is a bug; the traceback with -vv."""
     from gtp5g_op.ops import doctor

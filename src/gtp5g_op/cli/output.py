@@ -13,6 +13,7 @@ does not fit; a caption names what was dropped (``--json`` has everything).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +31,22 @@ DEFAULT_WIDTH = 80  # when neither a terminal nor COLUMNS says
 MIN_WIDTH = 20
 
 
+class _Console(Console):
+    """rich's Console, but a reader that went away (``| head``) ends the command through the one error
+    path (cli/errorpath.py: quietly, exit 0) instead of rich's own ``SystemExit(1)``, "the answer is no"."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def console(stderr: bool = False) -> Console:
     """A rich Console for people: ``COLUMNS`` when set (piped output too), else the terminal's width, else 80."""
     width = None
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) >= MIN_WIDTH:
         width = int(columns)
-    con = Console(stderr=stderr, width=width, highlight=False)
+    con = _Console(stderr=stderr, width=width, highlight=False)
     if width is None and not con.is_terminal:
         con.width = DEFAULT_WIDTH
     return con
