@@ -116,6 +116,13 @@ ROWS = [
     (["strategies", "list", "--username", "u", "--password-file", "{dir}", "--api-url", "http://127.0.0.1:9"], 2,
      "password file"),
     (["strategies", "list", "--api", "nope"], 2, "nope"),
+    # a comm no policy can match is bad input: refused before any connection (it was exit 1 after login)
+    (["strategies", "push", "--comm", "", "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "comm '' cannot be matched exactly"),
+    (["strategies", "push", "--comm", "x" * 16, "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "1 to 15 bytes"),
+    (["strategies", "delete", "--comm", "", "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "comm '' cannot be matched exactly"),
     (["strategies", "list", "--dm-url", "ftp://x", "--public-key", "{key}"], 2, "not an http(s) url"),
     (["watch", "--replay", "--push", "--api-url", "http://user:pw@127.0.0.1:9"], 2, "carries credentials"),
     # --- patch-module
