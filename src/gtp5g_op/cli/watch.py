@@ -8,6 +8,7 @@ import sys
 import click
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.config import MIN_INTERVAL
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
@@ -66,7 +67,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=Number(0, 86400), metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=Number(MIN_INTERVAL, 86400, min_open=False), metavar="SECONDS",
+              help="Re-send the set this often (at least 1). [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)
