@@ -10,6 +10,7 @@ import click
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.config import MIN_INTERVAL
 from gtp5g_op.errors import UsageError, cli_errors
+from gtp5g_op.trace.tracefs import MAX_BUFFER_KB
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
 
@@ -49,7 +50,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 )
 @click.option("--trace-pipe", metavar="PATH", help="Read this pipe, FIFO or file instead of a private tracefs instance.")
 @click.option("--instance", default="gtp5g-op", show_default=True, help="Name of the private tracefs instance.")
-@click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
+@click.option("--buffer-kb", type=click.IntRange(min=4, max=MAX_BUFFER_KB),
+              help="Per-CPU buffer size of the private instance (KiB, at most 1048576).")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
 @click.option("--validate/--no-validate", default=None,
               help="Check every subject against this host's processes. [default: on, except for a --replay "
