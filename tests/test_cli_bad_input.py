@@ -335,3 +335,34 @@ def test_the_workload_helper_uses_the_same_error_path():
     assert proc.stderr.splitlines() == [
         "gtp5g-op: error: invalid value for '--rate': 'fast' is not a number; fix: give a number for --rate; "
         "`python -m gtp5g_op.kernel.workload --help` lists its options and examples"]
+
+
+@pytest.mark.parametrize("args", [["verify", "{closed}/gtp5g.ko"],
+                                  ["tracer", "run", "--build-dir", "{closed}/build", "--duration", "0"]])
+def test_a_path_in_a_directory_the_user_cannot_search_is_bad_input_not_a_bug(tmp_path, args):
+    """As uid 65534, a path under a 0700 directory of root's: stat() fails with EACCES, which
+    ``Path.is_dir()``/``is_file()`` raise rather than answer; both ended as exit 70 "a bug in gtp5g-op"."""
+    from hostile import as_user, require_root
+
+    require_root("needs root to drop to uid 65534")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    tmp_path.chmod(0o755)
+    argv = [a.format(closed=closed) for a in args]
+    # This interpreter's standard library may be out of uid 65534's reach: load what the command needs now.
+    import encodings.utf_8_sig  # noqa: F401
+
+    import gtp5g_op.kernel.bpf_loader  # noqa: F401
+    import gtp5g_op.kernel.tracer_build  # noqa: F401
+    import gtp5g_op.kernel.verify  # noqa: F401
+
+    CliRunner().invoke(main, [*args[:2], "--help"])
+
+    def run() -> tuple[int, str]:
+        result = CliRunner().invoke(main, argv, env={"HOME": "/nonexistent", "XDG_CACHE_HOME": ""})
+        return result.exit_code, result.output
+
+    code, output = as_user(run)
+    assert code == 2, output
+    assert len(output.strip().splitlines()) == 1 and "unexpected" not in output, output
+    assert str(closed) in output and "uid 65534" in output or "Permission denied" in output, output

@@ -55,7 +55,7 @@ def is_stale(out_dir: Path | None = None) -> bool:
     src = source_dir()
     newest = max(p.stat().st_mtime for p in src.iterdir() if p.suffix in (".c", ".h"))
     objs = object_paths(out_dir).values()
-    return any(not o.is_file() or o.stat().st_mtime < newest for o in objs)
+    return any(not os.path.isfile(o) or o.stat().st_mtime < newest for o in objs)  # isfile: EACCES is "no"
 
 
 def _tool(name: str, fix: str) -> str:
