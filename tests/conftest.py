@@ -92,3 +92,16 @@ def fake_loaded_gtp5g(root: Path, kallsyms: str, btf_globals: list[str], users: 
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+VM_TIMINGS = pytest.StashKey[dict]()  # step -> seconds, filled by tests/vm/test_vm.py
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """Per-step timings of the VM lab run (tests/vm), when it ran."""
+    timings = config.stash.get(VM_TIMINGS, None)
+    if not timings:
+        return
+    terminalreporter.section("VM lab timings (seconds)")
+    for name, seconds in timings.items():
+        terminalreporter.write_line(f"{seconds:8.1f}  {name}")

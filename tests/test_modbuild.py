@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,6 +52,8 @@ def test_patch_build_verify_revert_cycle(tmp_path, kdir, release):
     result = build_ok(src, kdir)
     assert result.btf_skipped  # Debian's headers ship no vmlinux
     report = verify.verify_ko(result.ko)  # the bundled set; what the release lacks is skipped
+    assert not report.ok and "no .BTF section" in report.btf_problem  # no BTF fails (issue 10 d)
+    report = verify.verify_ko(result.ko, allow_no_btf=True)  # exports only
     assert report.ok and not report.btf_present, report.as_dict()
     skipped = [f.name for f in report.functions if f.skipped]
     assert skipped == (["policePacket"] if release == "v0.8" else [])
@@ -188,8 +191,89 @@ def test_cli_reload_refuses_before_building_anything(tmp_path, kdir):
         pytest.skip("this kernel loads modules; the refusal path is not reachable")
     src = copy_tree(tmp_path, "v0.8")
     res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir), "--reload"])
+    assert res.exit_code == 2 and "--reload loads the module into the running kernel" in res.output
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir), "--reload",
+                                    "--kver", modbuild.kernel_release()])
     assert res.exit_code == 3 and "no loadable module support" in res.output
     assert not (src / "gtp5g.ko").exists() and "built" not in res.output
+
+
+@pytest.fixture
+def veth_in_netns():
+    """A real veth pair in a private network namespace (stands in for gtp5g devices: same scan and delete)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    from pyroute2 import IPRoute, netns
+
+    name = f"gtp5g-op-test-{os.getpid()}"
+    netns.create(name)
+    try:
+        with IPRoute(netns=name) as ipr:
+            ipr.link("add", ifname="upfgtp", kind="veth", peer="upfpeer")
+        yield name
+    finally:
+        netns.remove(name)
+
+
+def test_devices_in_other_namespaces_block_a_reload(tmp_path, veth_in_netns):
+    """Scan every namespace for devices of the kind, refuse, then --force deletes them (real rtnetlink)."""
+    find = lambda: modbuild.gtp5g_devices("veth")  # noqa: E731
+    found = {(d.name, d.netns) for d in find()}
+    assert {("upfgtp", f"netns {veth_in_netns}"), ("upfpeer", f"netns {veth_in_netns}")} <= found
+    proc, sys_root = fake_host(tmp_path, refcount=0)
+    ran = []
+    ok = subprocess.CompletedProcess([], 0, "", "")
+    with pytest.raises(OpError, match=rf"upfgtp \(netns {veth_in_netns}\).*nothing was built") as exc:
+        modbuild.reload(proc=proc, sys_root=sys_root, run=lambda cmd: ran.append(cmd) or ok, find_devices=find)
+    assert ran == [] and "--force" in exc.value.fix
+    mine = lambda: [d for d in find() if d.netns == f"netns {veth_in_netns}"]  # noqa: E731
+    steps = modbuild.reload(force=True, proc=proc, sys_root=sys_root, run=lambda cmd: ran.append(cmd) or ok,
+                            find_devices=lambda: mine()[:1])
+    assert steps[0].startswith("ip link del upf") and ran == [["rmmod", "gtp5g"], ["modprobe", "gtp5g"]]
+    assert mine() == []  # deleting one end of a veth pair deletes both
+
+
+def test_no_devices_here():
+    """Real scan of this host: no gtp5g anywhere (this kernel cannot load it)."""
+    if os.geteuid() != 0:
+        pytest.skip("entering other namespaces needs root")
+    assert modbuild.gtp5g_devices() == []
+
+
+def test_preflight_never_offers_the_running_kernels_vmlinux_for_other_headers(kdir):
+    fix = {c.name: c for c in modbuild.preflight(kdir)}["vmlinux"].fix
+    release = modbuild.kdir_release(kdir)
+    assert release != modbuild.kernel_release()
+    assert "/sys/kernel/btf" not in fix and "answer yes" not in fix and release in fix
+    if (Path("/boot") / f"vmlinuz-{release}").is_file():
+        assert fix.startswith(f"pass --vmlinux /boot/vmlinuz-{release}")
+
+
+def test_vmlinux_from_a_kernel_image(tmp_path, kdir):
+    release = modbuild.kdir_release(kdir)
+    image = Path("/boot") / f"vmlinuz-{release}"
+    if not image.is_file():
+        pytest.skip(f"needs {image} (apt-get install linux-image-{release})")
+    elf = modbuild.vmlinux_for(image, release)
+    assert elf.startswith(b"\x7fELF") and f"Linux version {release} ".encode() in elf
+    with pytest.raises(UsageError, match="but KDIR is for 9.9.9-other"):
+        modbuild.vmlinux_for(image, "9.9.9-other")
+    (tmp_path / "junk").write_bytes(b"\0" * 100)
+    with pytest.raises(UsageError, match="neither a vmlinux nor a kernel image"):
+        modbuild.vmlinux_for(tmp_path / "junk", release)
+    copy = tmp_path / "kdir"
+    shutil.copytree(kdir, copy, symlinks=True)
+    assert modbuild.place_vmlinux(copy, image).read_bytes() == elf
+    assert {c.name: c for c in modbuild.preflight(copy)}["vmlinux"].ok
+
+
+def test_cli_copy_vmlinux_for_other_headers_points_at_the_right_kernel(tmp_path, kdir):
+    src = copy_tree(tmp_path, "v0.8")
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir), "--copy-vmlinux"])
+    release = modbuild.kdir_release(kdir)
+    assert res.exit_code == 2, res.output
+    assert f"is for {release}" in res.output and "/sys/kernel/btf/vmlinux" not in res.output.split("fix:")[1]
+    assert not (kdir / "vmlinux").exists() and not (src / "gtp5g.ko").exists()
 
 
 @pytest.mark.slow
@@ -203,3 +287,17 @@ def test_cli_build_module(tmp_path, kdir):
     res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir)])
     assert res.exit_code == 1
     assert "error:" in res.output and "gtp5g-op: error: build failed" in res.output
+
+
+@pytest.mark.slow
+def test_cli_install_refuses_a_module_without_btf(tmp_path, kdir):
+    """Real build against Debian's headers (no vmlinux): --install stops before copying anything."""
+    src = copy_tree(tmp_path, "v0.10")
+    target = Path("/lib/modules") / modbuild.kdir_release(kdir) / modbuild.INSTALL_SUBDIR / "gtp5g.ko"
+    existed = target.exists()
+    res = CliRunner().invoke(main, ["build", "module", "--src", str(src), "--kdir", str(kdir), "--install",
+                                    "--no-copy-vmlinux", "-j", "2"])
+    assert res.exit_code == 1, res.output
+    assert "has no BTF, so the tracer cannot attach to it; nothing was installed" in res.output
+    assert "--vmlinux" in res.output and "--allow-no-btf" in res.output
+    assert target.exists() == existed

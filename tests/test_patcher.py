@@ -162,6 +162,65 @@ def test_shipped_patch_matches_the_tool_on_upstream_v0_10_2(exports, tmp_path):
     assert tool == {k: v for k, v in snapshot(by_patch).items() if not k.startswith(".git/")}
 
 
+def _upstream_sources() -> list[Path]:
+    """Real gtp5g releases from GTP5G_UPSTREAM (tarballs or trees; scripts/test sets ../shared/upstream's)."""
+    import re
+
+    return [Path(p) for p in re.split(r"[:\s]+", os.environ.get("GTP5G_UPSTREAM", "")) if p and Path(p).exists()]
+
+
+def _unpack(source: Path, dst: Path) -> Path:
+    import tarfile
+
+    if source.is_dir():
+        shutil.copytree(source, dst, symlinks=True)
+        return dst
+    dst.mkdir()
+    with tarfile.open(source) as tar:
+        tar.extractall(dst, filter="data")
+    (top,) = list(dst.iterdir())
+    return top
+
+
+UPSTREAM_SOURCES = _upstream_sources()
+_NO_UPSTREAM = "GTP5G_UPSTREAM names no gtp5g release tarball or tree (scripts/test sets ../shared/upstream)"
+
+
+@pytest.mark.parametrize("source", UPSTREAM_SOURCES or [None], ids=lambda p: p.name if p else "none")
+def test_real_release_patch_check_revert(source, exports, tmp_path):
+    """On a real release: every function it has becomes exported, a second run changes nothing, revert
+    restores it byte for byte; functions the release lacks (policePacket before v0.9) are absent."""
+    if source is None:
+        pytest.skip(_NO_UPSTREAM)
+    tree = _unpack(source, tmp_path / "src")
+    before = snapshot(tree)
+    result = patcher.patch(tree, exports)
+    assert result.changed
+    after = states(tree, exports)
+    assert set(after.values()) <= {State.EXPORTED, State.ABSENT}, after
+    assert after["gtp5g_encap_recv"] == State.EXPORTED
+    if "v0.8" in source.name:
+        assert after["policePacket"] == State.ABSENT
+    assert not patcher.patch(tree, exports).changed
+    patcher.revert(tree)
+    assert {k: v for k, v in snapshot(tree).items() if not k.startswith(".gtp5g-op/")} == before
+
+
+def test_shipped_patch_matches_the_tool_on_the_v0_10_2_release(exports, tmp_path):
+    """The shipped patch == patch-module on the real v0.10.2 release (tarball or tree in GTP5G_UPSTREAM)."""
+    release = [s for s in UPSTREAM_SOURCES if "v0.10.2" in s.name]
+    if not release:
+        pytest.skip("GTP5G_UPSTREAM has no gtp5g v0.10.2 (scripts/test sets ../shared/upstream)")
+    if shutil.which("patch") is None:
+        pytest.skip("patch is not installed")
+    by_tool = _unpack(release[0], tmp_path / "tool")
+    by_patch = _unpack(release[0], tmp_path / "patch")
+    subprocess.run(["patch", "-p1", "-s", "-i", str(SHIPPED)], cwd=by_patch, check=True)
+    patcher.patch(by_tool, exports)
+    tool = {k: v for k, v in snapshot(by_tool).items() if not k.startswith(".gtp5g-op/")}
+    assert tool == snapshot(by_patch)
+
+
 def test_export_extra_function_and_missing_explicit_one(v10, exports):
     extra = patcher.load_export_set(extra=["gtp1u_udp_encap_recv"])
     patcher.patch(v10, extra)

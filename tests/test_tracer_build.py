@@ -146,3 +146,40 @@ def test_missing_module_btf_is_a_usage_error(tmp_path):
     _have_toolchain()
     with pytest.raises(UsageError):
         build_tracer(tmp_path / "out", module_btf=tmp_path / "gtp5g")
+
+
+def test_base_btf_syntax_of_the_installed_bpftool(tmp_path):
+    """Debian 12's bpftool 7.1 takes the base as --base-btf (issue 10 a); the dump of split BTF works with it."""
+    _have_toolchain()
+    from gtp5g_op.kernel.tracer_build import base_btf_args
+
+    args = base_btf_args(shutil.which("bpftool"), KERNEL_BTF)
+    assert args == ["--base-btf", str(KERNEL_BTF)]
+    import subprocess
+
+    # A split BTF on the running kernel's BTF, dumped the way write_vmlinux_h does it.
+    from conftest import btf_blob
+
+    from gtp5g_op.kernel.verify import base_str_len
+
+    split = tmp_path / "gtp5g"
+    split.write_bytes(btf_blob([("gtp5g_encap_recv", 1)], base_str_len(KERNEL_BTF)))
+    run = subprocess.run(["bpftool", *args, "btf", "dump", "file", str(split)], capture_output=True, text=True)
+    assert run.returncode == 0 and "gtp5g_encap_recv" in run.stdout, run.stderr
+
+
+def test_bad_kernel_btf_is_a_usage_error_naming_the_file(tmp_path):
+    """issue 12: a bad --kernel-btf said "check the tracer sources" with exit 1."""
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    _have_toolchain()
+    junk = tmp_path / "junk"
+    junk.write_text("not btf\n")
+    res = CliRunner().invoke(main, ["build", "tracer", "--out", str(tmp_path / "o"), "--kernel-btf", str(junk)])
+    assert res.exit_code == 2, res.output
+    assert res.output.startswith(f"gtp5g-op: error: --kernel-btf {junk} is not the kernel's BTF")
+    assert "tracer sources" not in res.output
+    with pytest.raises(UsageError, match="is not gtp5g's BTF"):
+        build_tracer(tmp_path / "o", module_btf=junk)

@@ -116,3 +116,74 @@ def test_cli_verify_built_module(tmp_path):
         ("gtp5g_encap_recv", False, False), ("pdr_find_by_gtp1u", True, False)]
     res = CliRunner().invoke(main, ["verify", str(result.ko)])
     assert "FAIL" in res.output and "no BTF" in res.output and "not all pass" in res.output
+
+
+def test_loaded_module_without_btf_fails_with_both_causes(tmp_path):
+    """Loaded without /sys/kernel/btf/gtp5g (built without BTF, or the kernel rejected it): a fail."""
+    kallsyms = "ffffffffc0a01000 T gtp5g_encap_recv\t[gtp5g]\nffffffffc0a02000 r __ksymtab_gtp5g_encap_recv\t[gtp5g]\n"
+    proc, sys_root = fake_loaded_gtp5g(tmp_path, kallsyms, ["gtp5g_encap_recv"])
+    assert verify.module_btf_problem(sys_root=sys_root, proc=proc) == ""
+    assert verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root).ok
+    (sys_root / "kernel/btf/gtp5g").unlink()
+    problem = verify.module_btf_problem(sys_root=sys_root, proc=proc)
+    assert "loaded without BTF" in problem and "failed to validate module [gtp5g] BTF" in problem
+    report = verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root)
+    assert not report.ok and report.btf_problem == problem
+    assert verify.verify_loaded(["gtp5g_encap_recv"], proc=proc, sys_root=sys_root, allow_no_btf=True).ok
+    (sys_root / "module/gtp5g/holders").rmdir()
+    (sys_root / "module/gtp5g").rmdir()
+    assert verify.module_btf_problem(sys_root=sys_root, proc=proc).startswith("gtp5g is not loaded")
+    assert "modprobe gtp5g" in verify.module_btf_problem(sys_root=sys_root, proc=proc)
+    (proc / "modules").unlink()
+    assert "cannot be loaded on this kernel" in verify.module_btf_problem(sys_root=sys_root, proc=proc)
+
+
+def test_loader_names_the_btf_problem_not_just_not_loaded():
+    """The tracer's loader words for a function fentry cannot find come from module_btf_problem."""
+    from gtp5g_op.kernel.bpf_loader import explain
+
+    text = explain(2, "fentry", "gtp5g_encap_recv", "load")
+    problem = verify.module_btf_problem()
+    assert (problem in text) if problem else "patch-module" in text
+
+
+def test_verify_a_directory_names_the_module_inside(tmp_path):
+    with pytest.raises(UsageError, match="is a directory") as exc:
+        verify.verify_ko(tmp_path)
+    assert str(tmp_path / "gtp5g.ko") in exc.value.fix
+    res = CliRunner().invoke(main, ["verify", str(tmp_path)])
+    assert res.exit_code == 2 and res.output.startswith("gtp5g-op: error:") and "does not exist" not in res.output
+
+
+def test_btf_that_does_not_fit_the_base_fails():
+    """Split BTF made on another base (another kernel's vmlinux): names do not resolve, the kernel rejects it."""
+    split = btf_blob([("gtp5g_encap_recv", 1)], base_str_len=5000)
+    base = Path("/sys/kernel/btf/vmlinux")
+    if not base.is_file():
+        pytest.skip("needs /sys/kernel/btf/vmlinux")
+    linkage, problem = verify._btf_linkage(split, base)
+    assert linkage is None and "does not fit the base BTF" in problem and "--base-btf" in problem
+
+
+@pytest.mark.slow
+def test_cli_verify_fails_a_module_without_btf(tmp_path):
+    """A real build against Debian's headers (no vmlinux there): exports pass, BTF missing fails."""
+    import glob
+
+    from gtp5g_op.kernel import modbuild, patcher
+
+    headers = sorted(glob.glob("/usr/src/linux-headers-*-amd64"))
+    if not headers:
+        pytest.skip("needs Debian's linux-headers-amd64")
+    src = tmp_path / "v0.10"
+    shutil.copytree(Path(__file__).resolve().parent.parent / "fixtures/gtp5g-mini/v0.10", src)
+    patcher.patch(src, patcher.load_export_set())
+    result = modbuild.build(src, Path(headers[-1]), jobs=2)
+    assert result.ok and result.btf_skipped
+    res = CliRunner().invoke(main, ["verify", str(result.ko), "--json"])
+    doc = json.loads(res.output)
+    assert res.exit_code == 1 and all(f["ok"] for f in doc["functions"]) and "no .BTF section" in doc["btf_problem"]
+    res = CliRunner().invoke(main, ["verify", str(result.ko), "--allow-no-btf"])
+    assert res.exit_code == 0 and "exports only" in res.output
+    res = CliRunner().invoke(main, ["verify", str(result.ko)])
+    assert res.exit_code == 1 and "--vmlinux /boot/vmlinuz-<release>" in res.output

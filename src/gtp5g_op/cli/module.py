@@ -145,33 +145,55 @@ def patch_module(ctx: click.Context, src: Path, set_file: Path | None, extra: tu
               help="Kernel build dir (default: /lib/modules/$(uname -r)/build).")
 @click.option("--kver", help="Kernel release to build and install for (default: KDIR's, else running).")
 @click.option("--copy-vmlinux/--no-copy-vmlinux", default=None,
-              help="Copy /sys/kernel/btf/vmlinux into KDIR for module BTF (default: ask when interactive).")
+              help="Copy the running kernel's /sys/kernel/btf/vmlinux into KDIR for module BTF "
+                   "(default: ask when interactive). Only for the running kernel's KDIR.")
+@click.option("--vmlinux", "vmlinux_src", type=UserPath("vmlinux or kernel image"), metavar="FILE",
+              help="KDIR's kernel's vmlinux, or its /boot/vmlinuz-* image to take it from; put in KDIR "
+                   "for module BTF (checked to be that kernel's).")
 @click.option("--install", is_flag=True, help="Copy gtp5g.ko into /lib/modules/KVER and run depmod.")
 @click.option("--reload", "do_reload", is_flag=True, help="rmmod + modprobe gtp5g after installing.")
-@click.option("--force", is_flag=True, help="With --reload: delete gtp5g devices (stops traffic) first.")
+@click.option("--force", is_flag=True,
+              help="With --reload: delete gtp5g devices (drops their sessions) and unload even if in use.")
+@click.option("--allow-no-btf", is_flag=True,
+              help="With --install/--reload: accept a module without BTF (the tracer cannot attach to it).")
 @click.option("-j", "--jobs", type=click.IntRange(min=1), help="Parallel make jobs (default: CPUs).")
 @command_options(*GLOBAL)
 @cli_errors
 def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: bool | None,
-                 install: bool, do_reload: bool, force: bool, jobs: int | None) -> None:
+                 vmlinux_src: Path | None, install: bool, do_reload: bool, force: bool, allow_no_btf: bool,
+                 jobs: int | None) -> None:
     """Build gtp5g with its own Makefile against KDIR; optionally install and reload it.
 
-    Checks the compiler, kbuild, pahole and vmlinux first. The full log stays in
-    SRC/.gtp5g-op/build.log; a failure shows the last compiler errors.
+    Checks the compiler, kbuild, pahole and vmlinux first: module BTF (what the tracer attaches by)
+    needs KDIR's own kernel's vmlinux in KDIR; --copy-vmlinux takes the running kernel's, --vmlinux
+    another kernel's (e.g. from its /boot/vmlinuz-* image). --install/--reload refuse a module
+    without BTF unless --allow-no-btf; --reload refuses while gtp5g devices exist (a running UPF's
+    upfgtp, in any network namespace) unless --force, and refuses for a kernel that is not running.
+    The full log stays in SRC/.gtp5g-op/build.log; a failure shows the last compiler errors.
 
     \b
     Examples:
       gtp5g-op build module --src ~/gtp5g
-      gtp5g-op build module --src ~/gtp5g --kdir /usr/src/linux-headers-6.1.0-28-amd64
       gtp5g-op build module --src ~/gtp5g --copy-vmlinux --install --reload
+      gtp5g-op build module --src ~/gtp5g --kdir KDIR --vmlinux /boot/vmlinuz-6.1.0-28-amd64 --install
     """
     console = make_console(stderr=True)
     if force and not do_reload:
         raise UsageError("--force only matters with --reload (it deletes gtp5g devices first)",
                          "add --reload, or drop --force")
     kdir = kdir or modbuild.default_kdir(kver)
+    target = kver or modbuild.kdir_release(kdir) or modbuild.kernel_release()
+    running = target == modbuild.kernel_release()
+    if do_reload and not running:
+        raise UsageError(f"--reload loads the module into the running kernel ({modbuild.kernel_release()}), "
+                         f"but this build is for {target}", fix="drop --reload (use --install), or build "
+                         "for the running kernel")
+    if copy_vmlinux and vmlinux_src:
+        raise UsageError("--copy-vmlinux and --vmlinux both name a vmlinux", fix="pass one of them")
     if do_reload:
         modbuild.check_reload(force)  # refuse before building or installing anything
+    if vmlinux_src:
+        console.print(text(f"put kernel {target}'s vmlinux in {modbuild.place_vmlinux(kdir, vmlinux_src)}"))
     console.print(preflight_table(modbuild.preflight(kdir), f"build preflight for {kdir}", console.width))
     if modbuild.can_offer_vmlinux(kdir):
         if copy_vmlinux is None and sys.stdin.isatty():
@@ -180,8 +202,9 @@ def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: b
         if copy_vmlinux:
             console.print(text(f"copied BTF to {modbuild.copy_vmlinux(kdir)}"))
     elif copy_vmlinux and not (kdir / "vmlinux").exists():
-        raise UsageError(f"{kdir} is not the running kernel's build dir; its vmlinux must match it",
-                         fix="put that kernel's vmlinux in KDIR yourself")
+        raise UsageError(f"--copy-vmlinux copies the running kernel's BTF ({modbuild.kernel_release()}), "
+                         f"but {kdir} is for {target}: module BTF built on it would be rejected at load",
+                         fix=modbuild.vmlinux_fix_text(target))
     with console.status("make ...") as status:
         result = modbuild.build(src, kdir, kver, on_line=lambda ln: status.update(text(ln.strip()[:90])),
                                 jobs=jobs)
@@ -194,9 +217,16 @@ def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: b
                       fix="fix the errors above (a gtp5g release too old or new for this kernel?)")
     btf = "no BTF (see vmlinux above)" if result.btf_skipped else "BTF generated"
     click.echo(f"built {result.ko} in {result.seconds:.1f}s, {btf}; log: {result.log}")
-    if install or do_reload:
-        installed = modbuild.install(result.ko, kver or modbuild.kdir_release(kdir))
-        click.echo(f"installed {installed.path}; ran {' '.join(installed.depmod)}")
+    if not (install or do_reload):
+        return
+    if result.btf_skipped and not allow_no_btf:
+        raise OpError(f"{result.ko} has no BTF, so the tracer cannot attach to it; nothing was installed",
+                      fix=modbuild.vmlinux_fix(kdir) + "; or pass --allow-no-btf")
+    installed = modbuild.install(result.ko, target)
+    click.echo(f"installed {installed.path}; ran {' '.join(installed.depmod)}")
+    if not running:
+        console.print(text(f"warn: installed for kernel {target}, not the running {modbuild.kernel_release()}: "
+                           f"it loads when {target} boots", "yellow"))
     if do_reload:
         for step in modbuild.reload(force=force):
             click.echo(f"ran {step}")
@@ -211,21 +241,29 @@ def build_module(src: Path, kdir: Path | None, kver: str | None, copy_vmlinux: b
 @click.option("--symvers", type=UserPath("Module.symvers"), metavar="FILE",
               help="Module.symvers to read exports from (default: next to KO).")
 @click.option("--base-btf", type=UserPath("base BTF"), metavar="FILE",
-              help="Base BTF the module was built against (default: /sys/kernel/btf/vmlinux).")
+              help="Base BTF of the kernel the module is for: its vmlinux, or /sys/kernel/btf/vmlinux "
+                   "on that host (default: this kernel's).")
+@click.option("--allow-no-btf", is_flag=True,
+              help="Pass a module without usable BTF (exports only; the tracer cannot attach to it).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @command_options(*GLOBAL)
 @cli_errors
 def verify(ko: Path | None, loaded: bool, functions: tuple[str, ...], symvers: Path | None,
-           base_btf: Path | None, as_json: bool) -> None:
+           base_btf: Path | None, allow_no_btf: bool, as_json: bool) -> None:
     """Check that gtp5g exports the traced functions: global symbol, exported, and in BTF.
 
-    Exit code 0 only when every function passes.
+    A module without BTF, or with BTF built against another kernel's vmlinux (that kernel rejects
+    it and loads the module without BTF), fails: fentry attaches by BTF id, so the tracer could
+    not attach to it. --allow-no-btf checks the exports alone. Exit code 0 only when every
+    check passes.
 
     \b
     Examples:
       gtp5g-op verify ~/gtp5g/gtp5g.ko
       gtp5g-op verify --loaded
       gtp5g-op verify gtp5g.ko --function gtp5g_encap_recv --json
+      gtp5g-op verify gtp5g.ko --base-btf /usr/src/linux-headers-6.1.0-28-amd64/vmlinux
+      gtp5g-op verify gtp5g.ko --allow-no-btf     # exports only
     """
     if bool(ko) == loaded:
         raise UsageError("give either a gtp5g.ko path or --loaded", fix="e.g. gtp5g-op verify ~/gtp5g/gtp5g.ko")
@@ -233,8 +271,8 @@ def verify(ko: Path | None, loaded: bool, functions: tuple[str, ...], symvers: P
         raise UsageError("--symvers and --base-btf describe a gtp5g.ko file, not the loaded module",
                          "drop them with --loaded, or give the .ko instead of --loaded")
     names = list(functions) or None
-    report = (verifier.verify_loaded(names) if loaded
-              else verifier.verify_ko(ko, names, symvers=symvers, base_btf=base_btf))
+    report = (verifier.verify_loaded(names, allow_no_btf=allow_no_btf) if loaded
+              else verifier.verify_ko(ko, names, symvers=symvers, base_btf=base_btf, allow_no_btf=allow_no_btf))
     if as_json:
         click.echo(json.dumps(report.as_dict()))
     else:
@@ -262,7 +300,14 @@ def _print_report(report: verifier.VerifyReport) -> None:
     console.print(fit_table(text(f"gtp5g exports: {report.source}"), cols, rows, console.width))
     for note in report.notes:
         click.echo(f"note: {safe(note)}")
-    click.echo("all pass" if report.ok else "not all pass: gtp5g-op patch-module --src DIR, then rebuild")
+    if report.btf_problem:
+        click.echo(("note: " if report.allow_no_btf else "FAIL: ") + safe(report.btf_problem))
+    if report.ok:
+        click.echo("all pass" + (" (exports only: --allow-no-btf)" if report.btf_problem else ""))
+    elif all(f.ok for f in report.functions):
+        click.echo(f"not all pass: no usable module BTF; fix: {verifier.BTF_FIX}")
+    else:
+        click.echo("not all pass: gtp5g-op patch-module --src DIR, then rebuild")
 
 
 def preflight_table(checks: list[Check], title: str, width: int) -> Table:

@@ -3,11 +3,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import threading
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Iterator
 
 import click
 from rich.table import Table
@@ -16,9 +17,9 @@ from rich.text import Text
 from gtp5g_op.cli.common import GLOBAL, Number, UserPath, command_options, shared_options
 from gtp5g_op.cli.output import Col, fit_table, safe, text
 from gtp5g_op.cli.output import console as make_console
-from gtp5g_op.errors import EXIT_FAIL, OpError, cli_errors
+from gtp5g_op.errors import EXIT_FAIL, OpError, UsageError, cli_errors
 from gtp5g_op.kernel.bpf_loader import ProgramResult, open_tracer
-from gtp5g_op.kernel.selftest import run_selftest
+from gtp5g_op.kernel.selftest import run_gtp5g_selftest, run_selftest
 from gtp5g_op.kernel.tracer_build import build_tracer as build_objects
 from gtp5g_op.kernel.tracer_build import default_out_dir
 
@@ -103,27 +104,56 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], dur
 
 
 @tracer.command("selftest")
-@click.option("--obj", type=_BPF_OBJ, help="A built selftest.bpf.o (default: build into --build-dir if needed).")
+@click.option("--gtp5g", "gtp5g", is_flag=True,
+              help="Test the real tracer on the loaded gtp5g: throwaway device, session and GTP-U traffic.")
+@click.option("--obj", type=_BPF_OBJ, help="A built selftest.bpf.o (gtp5g.bpf.o with --gtp5g) [default: build].")
 @click.option("--build-dir", type=_DIR, help=f"Where objects are built [default: {default_out_dir()}].")
 @click.option("--timeout", type=Number(0.1, 3600, min_open=False), default=5.0, show_default=True,
-              help="Seconds to wait for the probe's lines.")
-@click.option("--instance", default="gtp5g-op-selftest", show_default=True, help="tracefs instance name.")
+              help="Seconds to wait for the probe's lines (with --gtp5g: for the last hook's line).")
+@click.option("--packets", type=click.IntRange(1, 100000), default=20, show_default=True,
+              help="With --gtp5g: rounds of uplink G-PDU + echo request + downlink IP to send.")
+@click.option("--enable-qos", is_flag=True,
+              help="With --gtp5g: turn gtp5g's global QoS switch on for the test (restored after), "
+                   "so policePacket runs.")
+@click.option("--instance", default=None, help="tracefs instance name [default: gtp5g-op-selftest; "
+                                                "with --gtp5g gtp5g-op-st5g-<pid>].")
 @click.option("--json", "as_json", is_flag=True, help="Print the verdicts as JSON.")
 @command_options(*GLOBAL)
 @cli_errors
-def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance: str, as_json: bool) -> None:
+def selftest(gtp5g: bool, obj: Path | None, build_dir: Path | None, timeout: float, packets: int,
+             enable_qos: bool, instance: str | None, as_json: bool) -> None:
     """Prove BPF loading, bpf_printk, the tracefs instance pipe and the parser end to end.
 
     Loads a tracepoint probe that prints the tracer's line format on getppid(2), calls getppid
     from a thread named gtp5g-op-st, and checks its line comes back parsed as that thread.
-    Needs root and tracefs, not gtp5g. Exits 0 when every step passes, 1 otherwise.
+    Needs root and tracefs, not gtp5g.
+
+    With --gtp5g, on a host where gtp5g is loaded: loads the real tracer, creates a throwaway gtp5g
+    device and PDU session (PDR/FAR/QER) in a private network namespace, sends uplink GTP-U and
+    downlink IP from a process named nr-gnb, and checks that every attached hook fired and that its
+    lines name that process. The UPF's own devices and sessions are not touched; the namespace,
+    device, tracefs instance and BPF links are removed at the end, also on Ctrl-C or SIGTERM.
+    Exits 0 when every step passes, 1 otherwise.
 
     \b
     Examples:
       gtp5g-op tracer selftest
       gtp5g-op tracer selftest --json --timeout 10
+      gtp5g-op tracer selftest --gtp5g                     # on a UPF host with gtp5g loaded
+      gtp5g-op tracer selftest --gtp5g --enable-qos --json # policePacket too
     """
-    result = run_selftest(obj, build_dir, timeout=timeout, instance=instance)
+    if not gtp5g and (enable_qos or packets != 20):
+        raise UsageError("--packets and --enable-qos only apply with --gtp5g",
+                         fix="add --gtp5g, or drop them")
+    try:
+        with _sigterm_as_interrupt():
+            if gtp5g:
+                result = run_gtp5g_selftest(obj, build_dir, timeout=timeout, packets=packets,
+                                            enable_qos=enable_qos, instance=instance)
+            else:
+                result = run_selftest(obj, build_dir, timeout=timeout, instance=instance or "gtp5g-op-selftest")
+    except KeyboardInterrupt:
+        raise OpError("interrupted; everything the selftest had created was removed", exit_code=130) from None
     if as_json:
         click.echo(json.dumps(result.to_dict()))
     else:
@@ -132,11 +162,30 @@ def selftest(obj: Path | None, build_dir: Path | None, timeout: float, instance:
         console = make_console()
         cols = [Col("step", key=True), Col("result", key=True), Col("detail", key=True, wrap=True)]
         rows = [[text(s.name), marks[s.ok], text(s.detail)] for s in result.steps]
-        console.print(fit_table(Text("tracer selftest"), cols, rows, console.width))
+        console.print(fit_table(Text("tracer selftest" + (" on gtp5g" if gtp5g else "")), cols, rows,
+                                console.width))
+        if gtp5g and result.hooks:
+            cols = [Col("hook", key=True), Col("lines", key=True), Col("from gNB", key=True),
+                    Col("note", min=12, wrap=True)]
+            rows = [[text(h.hook), str(h.lines), str(h.from_gnb), text(h.note)] for h in result.hooks]
+            console.print(fit_table(Text("hooks"), cols, rows, console.width))
         for line in result.lines:
             click.echo(safe(line))
     if not result.ok:
         raise SystemExit(EXIT_FAIL)
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM raises KeyboardInterrupt in the block, so the selftest's cleanup runs as on Ctrl-C."""
+    def interrupt(*_: object) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
 
 
 @click.command("tracer")

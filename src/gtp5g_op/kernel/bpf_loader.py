@@ -145,9 +145,12 @@ def explain(err: int, kind: str, function: str, stage: str, detail: str = "") ->
     tracing = kind in ("fentry", "fexit", "fmod_ret")
     root = os.geteuid() == 0
     if err in (errno.ESRCH, errno.ENOENT) and tracing:
+        from gtp5g_op.kernel.verify import module_btf_problem
+
+        problem = module_btf_problem()  # not loaded, or loaded without (or with rejected) BTF
         text = f"{function} is not in gtp5g's BTF as a global function: "
-        if not GTP5G_BTF.exists():
-            text += f"gtp5g is not loaded (no {GTP5G_BTF}): load it (modprobe gtp5g); if it still fails, "
+        if problem:
+            text += f"{problem}; if it still fails, "
         return text + "run gtp5g-op patch-module, rebuild, reload"
     if err == errno.ENOENT and kind in ("tp", "tracepoint"):
         if TRACEFS_EVENTS.is_dir():

@@ -11,6 +11,7 @@ error 127 and deletes the .ko).
 from __future__ import annotations
 
 import logging
+import lzma
 import os
 import re
 import shutil
@@ -27,6 +28,9 @@ from gtp5g_op.model import Check
 log = logging.getLogger(__name__)
 
 SYS_VMLINUX = Path("/sys/kernel/btf/vmlinux")
+BOOT = Path("/boot")
+XZ_MAGIC = b"\xfd7zXZ\x00"
+ELF_MAGIC = b"\x7fELF"
 MODULE = "gtp5g"
 INSTALL_SUBDIR = "kernel/drivers/net"
 GTP5G_KIND = "gtp5g"
@@ -109,9 +113,79 @@ def preflight(kdir: Path) -> list[Check]:
     checks.append(Check.passed_if(
         "vmlinux", vmlinux.is_file() or not wants_btf,
         str(vmlinux) if vmlinux.is_file() else "missing: module BTF will be skipped",
-        fix=f"cp {SYS_VMLINUX} {kdir}/ (answer yes to the build's offer)", required=False,
+        fix=vmlinux_fix(kdir), required=False,
     ))
     return checks
+
+
+def vmlinux_fix(kdir: Path) -> str:
+    """How to get the vmlinux of KDIR's own kernel into KDIR (never another kernel's)."""
+    if SYS_VMLINUX.is_file() and is_running_kernel_kdir(kdir):
+        return f"pass --copy-vmlinux (copies {SYS_VMLINUX} of the running kernel into KDIR)"
+    release = kdir_release(kdir) or "<KDIR's release>"
+    image = BOOT / f"vmlinuz-{release}"
+    if image.is_file():
+        return f"pass --vmlinux {image} (takes kernel {release}'s vmlinux out of its image)"
+    return (f"pass --vmlinux with kernel {release}'s vmlinux or image (/boot/vmlinuz-{release} on a host "
+            f"with linux-image-{release})")
+
+
+def _vmlinux_elf(data: bytes) -> bytes | None:
+    """The vmlinux ELF in ``data``: itself, or the xz-compressed one inside a bzImage."""
+    if data.startswith(ELF_MAGIC):
+        return data
+    pos = data.find(XZ_MAGIC)
+    while pos >= 0:
+        try:
+            elf = lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[pos:], max_length=1 << 30)
+        except lzma.LZMAError:
+            elf = b""
+        if elf.startswith(ELF_MAGIC):
+            return elf
+        pos = data.find(XZ_MAGIC, pos + 1)
+    return None
+
+
+def vmlinux_for(source: Path, release: str | None) -> bytes:
+    """A vmlinux with .BTF from ``source`` (a vmlinux, or a kernel image holding an xz vmlinux), checked
+    to be kernel ``release``'s by its version banner."""
+    try:
+        data = Path(source).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {source}: {exc.strerror}", fix="pass a vmlinux or /boot/vmlinuz-* file")
+    elf = _vmlinux_elf(data)
+    if elf is None:
+        raise UsageError(f"{source} is neither a vmlinux nor a kernel image with an xz-compressed vmlinux",
+                         fix="pass the kernel's vmlinux (debug package) or its /boot/vmlinuz-* image")
+    if b".BTF\0" not in elf:
+        raise UsageError(f"the vmlinux in {source} has no .BTF section: kbuild cannot make module BTF from it",
+                         fix="use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
+    if release and f"Linux version {release} ".encode() not in elf:
+        m = re.search(rb"Linux version (\S+) ", elf)
+        found = m.group(1).decode(errors="replace") if m else "unknown"
+        raise UsageError(f"{source} is kernel {found}, but KDIR is for {release}: module BTF built on it "
+                         "would be rejected at load", fix=vmlinux_fix_text(release))
+    return elf
+
+
+def vmlinux_fix_text(release: str) -> str:
+    image = BOOT / f"vmlinuz-{release}"
+    return f"pass --vmlinux {image}" if image.is_file() else f"pass kernel {release}'s vmlinux or image"
+
+
+def place_vmlinux(kdir: Path, source: Path) -> Path:
+    """Put kernel KDIR-release's vmlinux (from ``source``, see :func:`vmlinux_for`) in KDIR, atomically."""
+    elf = vmlinux_for(source, kdir_release(kdir))
+    target = kdir / "vmlinux"
+    tmp = kdir / ".vmlinux.gtp5g-op.tmp"
+    try:
+        tmp.write_bytes(elf)
+        os.replace(tmp, target)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise EnvironmentProblem(f"cannot write {target}: {exc.strerror}",
+                                 fix="run as root, or build against a writable copy of KDIR (--kdir)") from exc
+    return target
 
 
 def needs_resolve_btfids_override(kdir: Path) -> bool:
@@ -266,46 +340,147 @@ def links_of_kind(kind: str = "gtp5g") -> list[tuple[int, str]]:
     return found
 
 
-def delete_links(kind: str) -> list[str]:
-    """Delete every device of ``kind``; returns their names."""
+@dataclass(frozen=True)
+class Device:
+    """A network device and the namespace it lives in (``path`` None: this process's own)."""
+
+    name: str
+    index: int
+    netns: str  # for people: "this namespace", "netns NAME", "netns of pid N (comm)"
+    path: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.netns})"
+
+
+def _netns_paths(proc: Path = Path("/proc")) -> list[tuple[str, str]]:
+    """(label, path) of every other network namespace: named ones (ip netns) and those of processes."""
+    own = os.stat(proc / "self" / "ns" / "net")
+    seen = {(own.st_dev, own.st_ino)}
+    found = []
+    run_dir = Path("/var/run/netns")
+    named = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    pids = sorted((p for p in proc.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    for label, path in [(f"netns {p.name}", p) for p in named] + [(f"netns of pid {p.name}", p / "ns" / "net")
+                                                                   for p in pids]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        if label.startswith("netns of pid"):
+            try:
+                label += f" ({(path.parent.parent / 'comm').read_text().strip()})"
+            except OSError:
+                pass
+        found.append((label, str(path)))
+    return found
+
+
+def _in_netns(path: str, fn: Callable[[], list]) -> list:
+    """Run ``fn`` in a helper thread moved into the network namespace at ``path`` (setns is per thread)."""
+    import ctypes
+    import threading
+
+    out: list = []
+    errors: list[BaseException] = []
+
+    def work() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if libc.setns(fd, 0x40000000) != 0:  # CLONE_NEWNET
+                raise OSError(ctypes.get_errno(), os.strerror(ctypes.get_errno()))
+            out.extend(fn())
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            os.close(fd)
+
+    # The thread ends right after: its changed namespace never serves anything else.
+    thread = threading.Thread(target=work, name="netns-scan", daemon=True)
+    thread.start()
+    thread.join(10)
+    if errors:
+        raise errors[0]
+    return out
+
+
+def gtp5g_devices(kind: str = GTP5G_KIND, proc: Path = Path("/proc")) -> list[Device]:
+    """Every device of ``kind`` on this host: this namespace, named namespaces and those of processes.
+
+    rmmod deletes them all, in every namespace (a UPF in a container has its upfgtp in its own).
+    Namespaces this process may not enter (not root) are skipped.
+    """
+    devices = [Device(name, index, "this namespace") for index, name in links_of_kind(kind)]
+    for label, path in _netns_paths(proc):
+        try:
+            found = _in_netns(path, lambda: links_of_kind(kind))
+        except OSError as exc:
+            log.debug("cannot look into %s (%s): %s", label, path, exc)
+            continue
+        devices += [Device(name, index, label, path) for index, name in found]
+    return devices
+
+
+def delete_devices(devices: Sequence[Device]) -> list[str]:
+    """Delete each device in its namespace; returns what was done."""
     from pyroute2 import IPRoute
 
-    links = links_of_kind(kind)
-    with IPRoute() as ipr:
-        for index, _ in links:
+    def delete(index: int) -> list:
+        with IPRoute() as ipr:
             ipr.link("del", index=index)
-    return [name for _, name in links]
+        return []
+
+    done = []
+    for dev in devices:
+        if dev.path is None:
+            delete(dev.index)
+        else:
+            _in_netns(dev.path, lambda dev=dev: delete(dev.index))
+        done.append(f"ip link del {dev.name} ({dev.netns})")
+    return done
 
 
 def check_reload(force: bool = False, module: str = MODULE, proc: Path = Path("/proc"),
-                 sys_root: Path = Path("/sys")) -> ModuleUse:
-    """Raise now if a reload cannot or must not happen (no module support; in use without ``force``)."""
+                 sys_root: Path = Path("/sys"),
+                 find_devices: Callable[[], list[Device]] | None = None) -> tuple[ModuleUse, list[Device]]:
+    """Raise now if a reload cannot or must not happen: no module support; devices of kind gtp5g exist
+    (unloading deletes them and every session: devices do not raise the use count, so it is checked
+    apart) or the module is in use, unless ``force``. Returns the use and the devices found."""
     use = module_use(module, proc, sys_root)
+    devices = (find_devices or gtp5g_devices)() if use.loaded else []
+    if devices and not force:
+        raise OpError(
+            f"gtp5g devices exist: {', '.join(map(str, devices))}; reloading gtp5g deletes them and drops "
+            "every session on them; nothing was built, installed or unloaded",
+            fix="stop the UPF first, or pass --force to delete them and reload",
+        )
     if use.loaded and use.refcount > 0 and not force:
         users = f" by {', '.join(use.holders)}" if use.holders else ""
         raise OpError(
-            f"{module} is in use ({use.refcount} reference(s){users}): its devices (upfgtp) exist "
-            "while the UPF runs; nothing was unloaded",
-            fix="stop the UPF first, or pass --force to delete its gtp5g devices and unload (drops sessions)",
+            f"{module} is in use ({use.refcount} reference(s){users}); nothing was unloaded",
+            fix="stop what uses it first, or pass --force to unload it anyway (drops sessions)",
         )
-    return use
+    return use, devices
 
 
 def reload(force: bool = False, module: str = MODULE, proc: Path = Path("/proc"),
            sys_root: Path = Path("/sys"),
-           run: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None) -> list[str]:
-    """rmmod (when loaded) then modprobe; refuse while the module is in use unless ``force``.
+           run: Callable[[Sequence[str]], subprocess.CompletedProcess] | None = None,
+           find_devices: Callable[[], list[Device]] | None = None) -> list[str]:
+    """rmmod (when loaded) then modprobe; refuse while gtp5g devices exist or the module is in use,
+    unless ``force``.
 
-    With ``force`` the module's devices (kind gtp5g, e.g. upfgtp) are deleted first so rmmod can
-    succeed; ``rmmod -f`` is never used. Returns what was done. ``run`` defaults to subprocess.run
-    (tests pass their own, since this machine cannot load modules).
+    With ``force`` the gtp5g devices (e.g. upfgtp, in any namespace) are deleted first, by name, so
+    what is dropped is said; ``rmmod -f`` is never used. Returns what was done. ``run`` defaults to
+    subprocess.run and ``find_devices`` to :func:`gtp5g_devices` (tests pass their own).
     """
     run = run or (lambda cmd: subprocess.run(list(cmd), capture_output=True, text=True, check=False))
-    use = check_reload(force, module, proc, sys_root)
-    done = []
-    if use.loaded and use.refcount > 0:
-        for name in delete_links(GTP5G_KIND):
-            done.append(f"ip link del {name}")
+    use, devices = check_reload(force, module, proc, sys_root, find_devices)
+    done = delete_devices(devices) if devices else []
     steps = [["rmmod", module]] if use.loaded else []
     steps.append(["modprobe", module])
     for cmd in steps:

@@ -65,13 +65,26 @@ def _tool(name: str, fix: str) -> str:
     return path
 
 
-def _run(cmd: list[str], what: str) -> str:
+def _run(cmd: list[str], what: str, fix: str) -> str:
     log.debug("running %s", " ".join(cmd))
     proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
         tail = " | ".join(proc.stderr.strip().splitlines()[-6:]) or f"exit code {proc.returncode}"
-        raise OpError(f"{what} failed: {tail}", fix="run with -vv to see the command; check the tracer sources")
+        raise OpError(f"{what} failed: {tail}", fix=fix)
     return proc.stdout
+
+
+def check_btf_file(path: Path, what: str, option: str) -> None:
+    """Refuse a file that is not BTF (raw, as in /sys/kernel/btf, or an ELF with a .BTF section)."""
+    from gtp5g_op.kernel.verify import BtfError, base_str_len
+
+    if path.is_dir():
+        raise UsageError(f"{option} {path} is a directory, not {what}", fix=f"pass {what} file")
+    try:
+        base_str_len(path)
+    except (BtfError, OSError) as exc:
+        raise UsageError(f"{option} {path} is not {what}: {getattr(exc, 'strerror', None) or exc}",
+                         fix=f"pass {what}, e.g. {KERNEL_BTF if option == '--kernel-btf' else MODULE_BTF}") from None
 
 
 def clang_target_flags() -> list[str]:
@@ -90,6 +103,18 @@ def clang_target_flags() -> list[str]:
     return flags
 
 
+def base_btf_args(bpftool: str, kernel_btf: Path) -> list[str]:
+    """How this bpftool takes the base BTF of a split (module) BTF.
+
+    bpftool 7.x (Debian 12 ships 7.1) takes the global option ``-B FILE`` / ``--base-btf FILE``, which
+    its ``btf help`` lists; anything else gets the ``base FILE`` keyword form after the file.
+    """
+    proc = subprocess.run([bpftool, "btf", "help"], capture_output=True, text=True, check=False)
+    if "--base-btf" in proc.stdout + proc.stderr:
+        return ["--base-btf", str(kernel_btf)]
+    return ["base", str(kernel_btf)]
+
+
 def write_vmlinux_h(out_dir: Path, kernel_btf: Path = KERNEL_BTF, module_btf: Path | None = None) -> Path:
     """Dump ``vmlinux.h`` (kernel types, plus the module's when ``module_btf`` is given) into ``out_dir``."""
     bpftool = _tool("bpftool", "apt-get install bpftool")
@@ -97,10 +122,14 @@ def write_vmlinux_h(out_dir: Path, kernel_btf: Path = KERNEL_BTF, module_btf: Pa
         raise EnvironmentProblem(f"the kernel exposes no BTF ({kernel_btf} is missing)",
                                  fix="use a kernel built with CONFIG_DEBUG_INFO_BTF=y")
     if module_btf is not None:
-        cmd = [bpftool, "btf", "dump", "file", str(module_btf), "base", str(kernel_btf), "format", "c"]
+        base = base_btf_args(bpftool, kernel_btf)
+        dump = ["btf", "dump", "file", str(module_btf)]
+        cmd = [bpftool, *dump, *base] if base[0] == "base" else [bpftool, *base, *dump]
+        cmd += ["format", "c"]
     else:
         cmd = [bpftool, "btf", "dump", "file", str(kernel_btf), "format", "c"]
-    text = _run(cmd, "dumping BTF with bpftool")
+    text = _run(cmd, "dumping BTF with bpftool",
+                fix="check that the BTF files belong together (the module's BTF was built on this kernel's)")
     out = out_dir / "vmlinux.h"
     out.write_text(text)
     log.info("wrote %s from %s (%d bytes)", out, module_btf or kernel_btf, len(text))
@@ -129,6 +158,10 @@ def build_tracer(out_dir: str | os.PathLike | None = None, kernel_btf: str | os.
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UsageError(f"cannot create {out}: {exc.strerror}", fix="pass a writable --out directory") from exc
+    if kernel_btf.is_file():  # a missing one is the kernel's problem, said by write_vmlinux_h
+        check_btf_file(kernel_btf, "the kernel's BTF", "--kernel-btf")
+    if module_btf is not None:
+        check_btf_file(module_btf, "gtp5g's BTF", "--module-btf")
     write_vmlinux_h(out, kernel_btf, module_btf)
     src = source_dir()
     flags = ["-g", "-O2", "-target", "bpf", *clang_target_flags(), f"-I{out}", f"-I{src}"]
@@ -136,7 +169,8 @@ def build_tracer(out_dir: str | os.PathLike | None = None, kernel_btf: str | os.
         flags.append("-DGTP5G_OP_MODULE_BTF=1")
     built = {}
     for name, obj in object_paths(out).items():
-        _run([clang, *flags, "-c", str(src / OBJECTS[name]), "-o", str(obj)], f"compiling {OBJECTS[name]}")
+        _run([clang, *flags, "-c", str(src / OBJECTS[name]), "-o", str(obj)], f"compiling {OBJECTS[name]}",
+             fix="run with -vv to see the command; check the tracer sources and clang's version")
         log.info("built %s", obj)
         built[name] = obj
     return built

@@ -160,14 +160,44 @@ class VerifyReport:
     btf_present: bool
     functions: list[FunctionCheck]
     notes: list[str] = field(default_factory=list)
+    # Why the module's BTF is missing or unusable (fentry attaches by BTF id, so the tracer cannot
+    # attach), empty when it is fine. Fails the report unless ``allow_no_btf``.
+    btf_problem: str = ""
+    allow_no_btf: bool = False
 
     @property
     def ok(self) -> bool:
-        return all(f.ok for f in self.functions)
+        return all(f.ok for f in self.functions) and (not self.btf_problem or self.allow_no_btf)
 
     def as_dict(self) -> dict:
-        return {"source": self.source, "btf_present": self.btf_present, "ok": self.ok,
+        return {"source": self.source, "btf_present": self.btf_present, "btf_problem": self.btf_problem,
+                "allow_no_btf": self.allow_no_btf, "ok": self.ok,
                 "notes": self.notes, "functions": [f.as_dict() for f in self.functions]}
+
+
+NO_BTF_BUILD = ("no .BTF section: module BTF was not generated (kbuild needs pahole and the target "
+                "kernel's vmlinux in KDIR), so the tracer cannot attach to it")
+BTF_FIX = ("rebuild with the target kernel's vmlinux in KDIR: gtp5g-op build module --copy-vmlinux "
+           "(running kernel) or --vmlinux /boot/vmlinuz-<release> (another kernel)")
+
+
+def module_btf_problem(module: str = "gtp5g", sys_root: Path = Path("/sys"), proc: Path = Path("/proc")) -> str:
+    """Why fentry cannot find ``module``'s functions in BTF, in plain words; "" when its BTF is there.
+
+    For the tracer's loader: "not loaded" and "loaded without BTF" need different fixes. A module
+    loads without BTF when it was built without (no vmlinux in KDIR) or when the kernel rejected its
+    BTF (built against another kernel's vmlinux: dmesg says ``failed to validate module [gtp5g] BTF``).
+    """
+    if (sys_root / "kernel" / "btf" / module).is_file():
+        return ""
+    if not (sys_root / "module" / module).is_dir():
+        if not (proc / "modules").exists():
+            return (f"{module} cannot be loaded on this kernel (no module support, CONFIG_MODULES off): "
+                    "run the tracer on the UPF host")
+        return f"{module} is not loaded (no {sys_root}/module/{module}): load it (modprobe {module})"
+    return (f"{module} is loaded without BTF (no {sys_root}/kernel/btf/{module}): it was built without "
+            f"module BTF, or the kernel rejected its BTF (built against another kernel's vmlinux; dmesg "
+            f"says 'failed to validate module [{module}] BTF'); {BTF_FIX}, then reload it")
 
 
 def default_functions() -> list[str]:
@@ -188,11 +218,12 @@ def read_symvers(path: Path) -> set[str]:
 
 
 def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None = None,
-              base_btf: Path | None = None) -> VerifyReport:
+              base_btf: Path | None = None, allow_no_btf: bool = False) -> VerifyReport:
     """Check a gtp5g.ko file. ``symvers`` defaults to Module.symvers next to it when present.
 
     Without ``names`` the bundled export set is checked and a function the module lacks entirely
-    (e.g. policePacket before gtp5g v0.9) is reported as skipped, not failed.
+    (e.g. policePacket before gtp5g v0.9) is reported as skipped, not failed. A module without BTF,
+    or whose BTF does not fit ``base_btf`` (default: the running kernel's), fails unless ``allow_no_btf``.
     """
     required = names is not None
     names = list(names or default_functions())
@@ -229,29 +260,39 @@ def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None
                 notes.append(f"{symvers} disagrees with the .ko about {name} (stale? rebuild); "
                              "the .ko's __ksymtab decides")
     btf = None
+    problem = ""
     if btf_data is None:
-        notes.append("no .BTF section: module BTF was not generated (pahole + vmlinux in KDIR needed)")
+        problem = NO_BTF_BUILD
     else:
-        btf = _btf_linkage(btf_data, base_btf, notes)
-    return _report(str(ko), names, required, any_funcs, global_funcs, ksymtab, btf, notes)
+        btf, problem = _btf_linkage(btf_data, base_btf)
+    report = _report(str(ko), names, required, any_funcs, global_funcs, ksymtab, btf, notes)
+    report.btf_problem, report.allow_no_btf = problem, allow_no_btf
+    return report
 
 
-def _btf_linkage(data: bytes, base_btf: Path | None, notes: list[str]) -> dict[str, str] | None:
-    bases = [base_btf] if base_btf else [SYS_BTF / "vmlinux"]
-    for base in bases:
-        try:
-            linkage = BtfReader(data, base_str_len(base)).func_linkage()
-        except (OSError, BtfError) as exc:
-            notes.append(f"BTF not readable with base {base}: {exc}")
-            continue
-        if linkage:
-            return linkage
-        notes.append(f"module BTF names do not resolve against {base} (built for another kernel?)")
+def _btf_linkage(data: bytes, base_btf: Path | None) -> tuple[dict[str, str] | None, str]:
+    """FUNC linkage of a module's split BTF read on ``base_btf``, and what is wrong with it ("" if nothing).
+
+    Split BTF continues the base's string table: built against another kernel's vmlinux, its names do
+    not resolve on this base, and that kernel refuses it at load (``failed to validate module BTF``).
+    """
+    base = base_btf or SYS_BTF / "vmlinux"
+    try:
+        linkage = BtfReader(data, base_str_len(base)).func_linkage()
+    except (OSError, BtfError) as exc:
+        return None, f"module BTF not readable with base {base}: {exc}"
+    if linkage:
+        return linkage, ""
     try:  # a module BTF that is not split (no base) resolves on its own
-        linkage = BtfReader(data, 0).func_linkage()
-        return linkage or None
+        alone = BtfReader(data, 0).func_linkage()
     except BtfError:
-        return None
+        alone = {}
+    if alone:
+        return alone, ""
+    return None, (f"module BTF does not fit the base BTF {base}: it was built against another kernel's "
+                  f"vmlinux, and a kernel with that base rejects it at load (the module then loads "
+                  f"without BTF); pass --base-btf with the target kernel's vmlinux if this module is for "
+                  f"another kernel")
 
 
 def _report(source: str, names: Sequence[str], required: bool, any_funcs: set[str],
@@ -270,7 +311,7 @@ def _report(source: str, names: Sequence[str], required: bool, any_funcs: set[st
 
 
 def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", proc: Path = Path("/proc"),
-                  sys_root: Path = Path("/sys")) -> VerifyReport:
+                  sys_root: Path = Path("/sys"), allow_no_btf: bool = False) -> VerifyReport:
     """Check the loaded module: /proc/kallsyms for global and ``__ksymtab_`` symbols, its BTF in sysfs."""
     required = names is not None
     names = list(names or default_functions())
@@ -306,6 +347,6 @@ def verify_loaded(names: Sequence[str] | None = None, module: str = "gtp5g", pro
     if btf_path.is_file():
         base = sys_root / "kernel" / "btf" / "vmlinux"
         btf = BtfReader(btf_path.read_bytes(), base_str_len(base)).func_linkage()
-    else:
-        notes.append(f"{btf_path} missing: the module was built without BTF")
-    return _report(f"loaded {module}", names, required, any_funcs, global_funcs, ksymtab, btf, notes)
+    report = _report(f"loaded {module}", names, required, any_funcs, global_funcs, ksymtab, btf, notes)
+    report.btf_problem, report.allow_no_btf = module_btf_problem(module, sys_root, proc), allow_no_btf
+    return report
