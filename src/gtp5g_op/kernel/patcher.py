@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import subprocess
@@ -620,15 +621,29 @@ def read_manifest(root: Path) -> dict:
 
 
 def _write_atomic(path: Path, data: bytes, mode_from: Path | None = None) -> Path:
-    """Write ``data`` to a temp file next to ``path``; return the temp path (rename is the caller's)."""
-    tmp = path.with_name(f".{path.name}.gtp5g-op.tmp")
-    with open(tmp, "wb") as fh:
+    """Write ``data`` to a new temp file next to ``path``; return the temp path (rename is the caller's).
+
+    The tree may belong to another user than the one patching it (root): the temp file gets a random
+    name and is created with O_EXCL|O_NOFOLLOW, so a symlink planted there is never written through.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.gtp5g-op.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with open(fd, "wb") as fh:
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
-    if mode_from is not None and mode_from.exists():
-        shutil.copymode(mode_from, tmp)
+        if mode_from is not None and mode_from.exists():
+            os.fchmod(fh.fileno(), stat.S_IMODE(mode_from.stat().st_mode))
     return tmp
+
+
+def _real_dir(path: Path) -> Path:
+    """Create directory ``path`` if missing; refuse a symlink (or anything else) planted in its place."""
+    path.mkdir(exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise UsageError(f"{path} is a symlink or not a directory; gtp5g-op keeps its originals there",
+                         f"remove {path} (gtp5g-op recreates it)")
+    return path
 
 
 def write_files_atomically(root: Path, contents: dict[str, bytes], previous: dict[str, bytes]) -> None:
@@ -656,12 +671,13 @@ def write_files_atomically(root: Path, contents: dict[str, bytes], previous: dic
 
 
 def _save_state(root: Path, manifest: dict, originals: dict[str, bytes]) -> None:
-    state = _state_dir(root)
-    state.mkdir(exist_ok=True)
-    (state / ".gitignore").write_text("*\n")
+    state = _real_dir(_state_dir(root))
+    os.replace(_write_atomic(state / ".gitignore", b"*\n"), state / ".gitignore")
     for rel, data in originals.items():
         target = state / ORIGINALS / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
+        parent = state
+        for part in (ORIGINALS, *Path(rel).parent.parts):
+            parent = _real_dir(parent / part)
         os.replace(_write_atomic(target, data), target)
     manifest_path = state / MANIFEST
     os.replace(_write_atomic(manifest_path, json.dumps(manifest, indent=2).encode()), manifest_path)
