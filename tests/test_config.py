@@ -290,3 +290,17 @@ def test_a_push_interval_below_a_second_is_refused_everywhere(tmp_path, value):
     with pytest.raises(UsageError, match="too small"):
         run_watch(WatchOptions(replay=BUNDLED_SAMPLE, interval=float(value)))
     assert load_settings(env={"GTP5G_OP_INTERVAL": "1"}).interval == 1.0
+
+
+def test_a_path_under_an_unknown_users_home_is_one_usage_error(monkeypatch):
+    """GTP5G_OP_PUBLIC_KEY='~0' (found by the hypothesis test above): pathlib raises RuntimeError."""
+    from click.testing import CliRunner
+
+    from gtp5g_op import config
+    from gtp5g_op.cli import main
+    from gtp5g_op.errors import UsageError
+
+    with pytest.raises(UsageError, match="no such user's home directory"):
+        config._path("~0", "public_key", True)
+    res = CliRunner().invoke(main, ["verify", "x.ko", "--symvers", "~gtp5g-op-nosuchuser/x"])
+    assert res.exit_code == 2 and "no such user's home directory" in res.output and "Traceback" not in res.output

@@ -70,6 +70,8 @@ def test_post_replaces_and_get_expands_selectors_like_the_real_server(gthulhu_se
     got = requests.get(gthulhu_server.url + STRATS, headers=headers, timeout=5).json()["scheduling"]
     assert got == [{"priority": True, "execution_time": 20000000, "pid": 7}]  # unknown field dropped, selector gone
     assert len(gthulhu_server.state()["strategies"]) == 3
+    requests.post(gthulhu_server.url + STRATS, json={"strategies": []}, headers=headers, timeout=5)
+    assert requests.get(gthulhu_server.url + STRATS, headers=headers, timeout=5).json()["scheduling"] is None
 
     bad = requests.post(gthulhu_server.url + STRATS, json={"strategies": [{"priority": "yes"}]}, headers=headers, timeout=5)
     assert bad.status_code == 400

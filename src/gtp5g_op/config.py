@@ -128,9 +128,14 @@ def _seconds(minimum: float, maximum: float, min_open: bool = True) -> Callable[
 
 
 def _path(value: Any, what: str, text: bool) -> Path | None:
-    if isinstance(value, Path):  # a flag the CLI already made a Path
-        return value.expanduser()
-    return Path(_str(value, what, text)).expanduser() if value != "" else None
+    if value == "":
+        return None
+    path = value if isinstance(value, Path) else Path(_str(value, what, text))  # a flag: already a Path
+    try:
+        return path.expanduser()
+    except RuntimeError:  # ~name of a user this host does not have
+        raise UsageError(f"{what} = {str(path)!r}: no such user's home directory",
+                         f"give {what} an absolute path") from None
 
 
 def http_url(value: Any, what: str, flag: str) -> str:

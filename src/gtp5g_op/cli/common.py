@@ -149,7 +149,10 @@ class UserPath(click.ParamType):
         self.what, self.kinds, self.must_exist, self.fix = what, frozenset(kinds), must_exist, fix
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Path:
-        path = Path(value).expanduser()
+        try:
+            path = Path(value).expanduser()
+        except RuntimeError:  # ~name of a user this host does not have
+            self.fail(f"{self.what} {value}: no such user's home directory; fix: give an absolute path", param, ctx)
         if self.must_exist or path.exists():
             userfiles.check(path, self.what, kinds=self.kinds, readable=self.must_exist, fix=self.fix)
         return path

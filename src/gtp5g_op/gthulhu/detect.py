@@ -5,10 +5,13 @@ Only requests that change nothing on any Gthulhu server are sent, in this order:
 1. ``POST /api/v1/auth/login`` with ``{}``: a Manager checks for empty fields before anything else and
    answers 422 ``{"success": false, ...}`` (no user is looked up, no token issued); legacy servers and
    Decision Makers have no such route (404).
-2. ``GET /api/v1/node-intents/merkle`` without a token: a v1.x Decision Maker answers 401 (the route
+2. ``GET /api/v1/node-intents/merkle`` without a token: a v1.3 Decision Maker answers 401 (the route
    exists behind its token check); legacy servers answer 404.
 3. ``POST /api/v1/auth/token`` with ``{}``: a legacy server answers 400 or 401 ``{"success": false,
-   ...}`` (no public key, so no token).
+   ...}`` (no public key, so no token). So does a v1.0 to v1.2 Decision Maker (no node-intents route
+   yet). It is told apart by two signs together: its 404 to step 1 is echo's JSON ``{"message": "Not
+   Found"}`` (the legacy server, a gorilla/mux application, answers ``404 page not found`` as text),
+   and ``GET /version`` lists its ``/api/v1/intents`` endpoint (the legacy server has no /version).
 
 Anything else is an error, and nothing is written: a wrong guess never reaches a write.
 """
@@ -39,6 +42,25 @@ def _gthulhu_error(reply: Reply) -> bool:
     return isinstance(doc, dict) and doc.get("success") is False and isinstance(doc.get("error"), str)
 
 
+def _echo_not_found(reply: Reply) -> bool:
+    """echo's default 404 (every v1.x Gthulhu server): ``{"message": "Not Found"}``, no ``success``."""
+    doc = reply.json()
+    return reply.status == 404 and isinstance(doc, dict) and doc.get("message") == "Not Found" and "success" not in doc
+
+
+def _dm_version(http: HttpClient) -> bool:
+    """Whether ``GET /version`` is a v1.x Decision Maker's: its endpoint list names /api/v1/intents."""
+    doc = http.request("GET", "/version").json()
+    return isinstance(doc, dict) and isinstance(doc.get("endpoints"), str) and "/api/v1/intents" in doc["endpoints"]
+
+
+def _dm_error(http: HttpClient) -> UsageError:
+    return UsageError(
+        f"{http.base_url} is a Gthulhu v1.x Decision Maker, which takes no pushes (its Manager overwrites it)",
+        "point --api-url at the Gthulhu Manager (<release>-manager:8080) and give this URL as --dm-url",
+    )
+
+
 def detect(http: HttpClient) -> Detection:
     """Probe ``http``'s server (read-only); a Detection, or an error saying what answered instead."""
     login = http.request("POST", "/api/v1/auth/login", body={})
@@ -47,12 +69,11 @@ def detect(http: HttpClient) -> Detection:
     else:
         merkle = http.request("GET", "/api/v1/node-intents/merkle")
         if merkle.status == 401 and _gthulhu_error(merkle):
-            raise UsageError(
-                f"{http.base_url} is a Gthulhu v1.x Decision Maker, which takes no pushes (its Manager overwrites it)",
-                "point --api-url at the Gthulhu Manager (<release>-manager:8080) and give this URL as --dm-url",
-            )
+            raise _dm_error(http)
         token = http.request("POST", "/api/v1/auth/token", body={})
         if token.status in (400, 401) and _gthulhu_error(token):
+            if _echo_not_found(login) and _dm_version(http):  # a Decision Maker older than v1.3
+                raise _dm_error(http)
             found = Detection(LEGACY, f"POST /api/v1/auth/token answered {token.status}")
         else:
             raise _unknown(http, login, token)

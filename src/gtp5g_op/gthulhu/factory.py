@@ -14,7 +14,7 @@ from gtp5g_op.config import Settings
 from gtp5g_op.errors import ApiError, UsageError
 from gtp5g_op.gthulhu.detect import LEGACY, MANAGER, detect
 from gtp5g_op.gthulhu.dm import DecisionMakerReader
-from gtp5g_op.gthulhu.http import HttpClient
+from gtp5g_op.gthulhu.http import HttpClient, HttpStatusError
 from gtp5g_op.gthulhu.legacy import GthulhuClient, LegacyBackend
 from gtp5g_op.gthulhu.manager import ManagerBackend, ManagerClient
 from gtp5g_op.gthulhu.ownership import OwnershipStore
@@ -92,8 +92,9 @@ def legacy_client(settings: Settings, url: str | None = None, retries: int = 2) 
 def manager_client(settings: Settings, retries: int = 2) -> ManagerClient:
     require_credentials(settings, MANAGER)
     assert settings.username is not None
+    source = settings.manager_password if settings.password_file is not None else None
     return ManagerClient(settings.api_url, settings.username, settings.manager_password(),
-                         **_http_options(settings, retries))
+                         password_source=source, **_http_options(settings, retries))
 
 
 def dm_reader(settings: Settings) -> DecisionMakerReader | None:
@@ -126,7 +127,8 @@ def make_pusher(settings: Settings, kind: str | None = None) -> StrategyPusher:
 
 def preflight(settings: Settings) -> str:
     """Before a watch starts: the API's kind (detected within a few seconds, ``auto`` when it does not
-    answer yet) and a UsageError now for missing credentials."""
+    answer yet), a UsageError now for missing credentials, and an ApiError now when the server refuses
+    the credentials (:func:`check_login`)."""
     kind = settings.api_kind
     require_credentials(settings, kind)  # before any network call
     if kind == "auto":
@@ -136,7 +138,29 @@ def preflight(settings: Settings) -> str:
             log.warning("cannot tell which Gthulhu API is at %s yet (%s); deciding at the first answer",
                         settings.api_url, exc.one_line())
     require_credentials(settings, kind)
+    if kind in (LEGACY, MANAGER):
+        check_login(settings, kind)
     return kind
+
+
+def check_login(settings: Settings, kind: str, deadline: float = PREFLIGHT_DEADLINE) -> None:
+    """Log in once (a Manager user also reads its policies), within ``deadline`` seconds; nothing is written.
+
+    A 4xx answer (wrong password or key, a user refused every call, no such route: the wrong ``--api``)
+    is raised: a watch could never push with these settings. No answer, a timeout or a 5xx is only
+    logged: the pusher keeps trying and logs in once the API answers.
+    """
+    try:
+        with connect(settings, kind) as client, client.http.deadline_scope(deadline):
+            client.authenticate()
+            if isinstance(client, ManagerClient):
+                client.list_policies()  # a user who must change its password first is refused only here
+    except HttpStatusError as exc:
+        if 400 <= exc.status < 500 and exc.status not in (408, 429):
+            raise
+        log.warning("cannot log in to %s yet (%s); pushing once it answers", settings.api_url, exc.one_line())
+    except ApiError as exc:
+        log.warning("cannot log in to %s yet (%s); pushing once it answers", settings.api_url, exc.one_line())
 
 
 class AutoBackend:

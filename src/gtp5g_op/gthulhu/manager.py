@@ -30,7 +30,7 @@ import logging
 import re
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -60,6 +60,8 @@ _OURS_RE = re.compile(r"\^\(\?P<(gtp5g_op|gtp5g_op_manual)>\)\(\?:(.*)\)\$", re.
 _RE2_META = frozenset("\\.+*?()|[]{}^$")
 _MAX_TOKEN = 16 << 10
 COMM_MAX_BYTES = 15  # TASK_COMM_LEN - 1: what the Decision Maker reads from /proc/<pid>/comm
+#: Seconds a push waits for its Decision Maker reading before reporting the previous one.
+DM_WAIT = 0.25
 
 
 # --- the commandRegex -------------------------------------------------------------------------------
@@ -210,15 +212,22 @@ def _policy(item: Any) -> NodePolicy | str:
 
 def _token_lifetime(token: str) -> float:
     """Seconds an access token lives, from its own ``iat``/``exp`` (read, not verified: the client has no
-    key for it), else :data:`DEFAULT_ACCESS_LIFETIME`; it is only used to renew in time."""
+    key for it), from ``exp`` and this host's clock when it has no ``iat``, else
+    :data:`DEFAULT_ACCESS_LIFETIME`; it is only used to renew in time (a 401 renews anyway)."""
     try:
         claims = jwt.decode(token, options={"verify_signature": False})
         exp, iat = claims.get("exp"), claims.get("iat")
-        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)) and 1 < exp - iat < 7 * 86400:
+        if not _number(iat):
+            iat = time.time()
+        if _number(exp) and 1 < exp - iat < 7 * 86400:
             return float(exp - iat) - 1.0  # whole seconds: the token may be up to 1 s older than iat says
     except (jwt.InvalidTokenError, ValueError, TypeError, OverflowError):
         pass
     return DEFAULT_ACCESS_LIFETIME
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value and abs(value) < 2**53
 
 
 # --- the client -----------------------------------------------------------------------------------
@@ -243,6 +252,7 @@ class ManagerClient:
         backoff_jitter: float = 0.1,
         deadline: float = DEFAULT_DEADLINE,
         max_body: int = DEFAULT_MAX_BODY,
+        password_source: Callable[[], Secret] | None = None,
     ):
         self.http = HttpClient(
             api_url, ca_bundle=ca_bundle, insecure=insecure, timeout=timeout, deadline=deadline, retries=retries,
@@ -252,6 +262,7 @@ class ManagerClient:
         self.api_url = self.http.base_url
         self.username = username
         self._password = password
+        self._password_source = password_source  # reads the password file again (a rotated Kubernetes Secret)
         self._access: Secret | None = None
         self._refresh: Secret | None = None
         self._renew_at = 0.0
@@ -289,6 +300,9 @@ class ManagerClient:
     def _login(self) -> None:
         body = {"username": self.username, "password": self._password.reveal()}
         reply = self.http.request("POST", LOGIN_PATH, body=body)
+        if reply.status == 401 and self._new_password():
+            body["password"] = self._password.reveal()
+            reply = self.http.request("POST", LOGIN_PATH, body=body)
         if reply.status >= 400:
             if reply.status in (401, 403, 422):
                 fix = ("check --username (GTP5G_OP_USERNAME) and the password "
@@ -300,6 +314,22 @@ class ManagerClient:
             raise self.http.error(reply, fix)
         self._take_tokens(reply)
 
+    def _new_password(self) -> bool:
+        """After a refused login: read the password file again; True when it now holds another password."""
+        if self._password_source is None:
+            return False
+        try:
+            fresh = self._password_source()
+        except OpError as exc:
+            log.debug("cannot read the password again: %s", exc.one_line())
+            return False
+        if fresh.reveal() == self._password.reveal():
+            return False
+        self.http.redactor.add(fresh)
+        self._password = fresh
+        log.info("the password file changed; logging in to %s with the new password", self.api_url)
+        return True
+
     def _renew(self) -> None:
         """Refresh the token pair, or log in again when the refresh token is refused."""
         if self._refresh is None:
@@ -310,9 +340,10 @@ class ManagerClient:
             log.debug("refreshing the token was refused (HTTP %d); logging in again", reply.status)
             self._login()
             return
-        self._take_tokens(reply)
+        self._take_tokens(reply, refreshed=True)
 
-    def _take_tokens(self, reply: Reply) -> None:
+    def _take_tokens(self, reply: Reply, refreshed: bool = False) -> None:
+        """Keep the answer's tokens; a refresh answer without a refresh token keeps the current one."""
         doc = reply.json()
         data = doc.get("data") if isinstance(doc, dict) and isinstance(doc.get("data"), dict) else {}
         access = data.get("accessToken") or data.get("token")
@@ -326,7 +357,10 @@ class ManagerClient:
                            "check that --api-url is a Gthulhu v1.x Manager")
         lifetime = _token_lifetime(access)
         self._access = Secret(access)
-        self._refresh = Secret(refresh) if isinstance(refresh, str) and 0 < len(refresh) <= _MAX_TOKEN else None
+        if isinstance(refresh, str) and 0 < len(refresh) <= _MAX_TOKEN:
+            self._refresh = Secret(refresh)
+        elif not refreshed:
+            self._refresh = None
         self._renew_at = time.monotonic() + lifetime - min(10.0, lifetime * 0.2)
         self.token_renewals += 1
         log.debug("token from %s valid for %.0f s", reply.url, lifetime)
@@ -498,8 +532,12 @@ def apply(client: ManagerClient, node: str, todo: Plan, kind: str = WATCH) -> No
 class ManagerBackend:
     """Makes a Manager hold one watch policy per (priority, time slice) for the targets' comms on ``node``.
 
-    With a Decision Maker reader (``dm``), every push also reads which PIDs the node really boosts
-    under these policies and which of them validation did not accept.
+    With a Decision Maker reader (``dm``), every push also asks which PIDs the node really boosts
+    under these policies and which of them validation did not accept. That read is optional and goes
+    to another server, so it runs in its own thread: a push waits for it at most :data:`DM_WAIT`
+    seconds (a local Decision Maker answers well within that) and otherwise reports the last reading
+    made for the same policies. A Decision Maker that hangs or refuses connections therefore never
+    delays the next change reaching the Manager.
     """
 
     kind = "manager"
@@ -512,6 +550,10 @@ class ManagerBackend:
         self.policy = policy
         self.dm = dm  # gtp5g_op.gthulhu.dm.DecisionMakerReader or None
         self._dm_failing = False
+        self._dm_lock = threading.Lock()
+        self._dm_reading: threading.Event | None = None  # set when the read in flight ends
+        self._dm_last: tuple[frozenset[str], dict[int, str]] | None = None  # (regexes read for, PID → regex)
+        self._closing = False
 
     @property
     def token_renewals(self) -> int:
@@ -529,25 +571,49 @@ class ManagerBackend:
             log.info("node %s: %s", self.node, _plan_text(todo))
         outcome = PushOutcome(owned=len(groups), summary=summary)
         if self.dm is not None:
-            self._read_dm(outcome, [comm_regex(cs) for cs in groups.values()], targets)
+            self._read_dm(outcome, frozenset(comm_regex(cs) for cs in groups.values()), targets)
         return outcome
 
-    def _read_dm(self, outcome: PushOutcome, regexes: list[str], targets: frozenset[Target]) -> None:
+    def _read_dm(self, outcome: PushOutcome, regexes: frozenset[str], targets: frozenset[Target]) -> None:
+        """Start a Decision Maker read (unless one is in flight), wait :data:`DM_WAIT` s, report the last reading."""
+        with self._dm_lock:
+            reading = self._dm_reading
+            if reading is None:
+                reading = self._dm_reading = threading.Event()
+                threading.Thread(target=self._dm_read, args=(regexes, reading), name="dm-reader", daemon=True).start()
+        reading.wait(DM_WAIT)
+        with self._dm_lock:
+            last = self._dm_last
+        if last is None or last[0] != regexes:
+            return  # nothing read yet for these policies
+        validated = {t.pid for t in targets} | {t.tgid for t in targets if t.tgid}
+        outcome.boosted = sorted(last[1])
+        outcome.unvalidated = sorted(set(last[1]) - validated)
+
+    def _dm_read(self, regexes: frozenset[str], done: threading.Event) -> None:
         try:
             boosted = self.dm.boosted(set(regexes))
         except ApiError as exc:
-            if not self._dm_failing:
+            if not self._dm_failing and not self._closing:
                 log.warning("cannot read the Decision Maker at %s: %s", self.dm.api_url, exc.one_line())
             self._dm_failing = True
-            return
-        if self._dm_failing:
-            log.warning("the Decision Maker at %s answers again", self.dm.api_url)
-        self._dm_failing = False
-        validated = {t.pid for t in targets} | {t.tgid for t in targets if t.tgid}
-        outcome.boosted = sorted(boosted)
-        outcome.unvalidated = sorted(set(boosted) - validated)
+        except Exception:  # noqa: BLE001 - an optional reading must not kill its thread silently
+            log.warning("reading the Decision Maker at %s failed", self.dm.api_url, exc_info=True)
+        else:
+            if self._dm_failing:
+                log.warning("the Decision Maker at %s answers again", self.dm.api_url)
+            self._dm_failing = False
+            with self._dm_lock:
+                self._dm_last = (regexes, boosted)
+        finally:
+            with self._dm_lock:
+                self._dm_reading = None
+            done.set()
 
     def close(self) -> None:
+        self._closing = True
+        if self.dm is not None:
+            self.dm.client.http.abort()  # a read still in flight ends now
         self.client.close()
         if self.dm is not None:
             self.dm.close()
@@ -582,7 +648,7 @@ def push_comms(client: ManagerClient, node: str, comms: Sequence[str], priority:
     if bad:
         raise OpError(f"comm {bad[0]!r} cannot be matched exactly (1 to {COMM_MAX_BYTES} bytes of UTF-8)",
                       "give the comm as /proc/<pid>/comm shows it")
-    policies = [p for p in client.list_policies() if node in p.node_names or p.node_selectors or p.dra_selectors]
+    policies = [p for p in client.list_policies() if applies_to(p, node) is not False]
     result = ManualResult()
     todo: list[tuple[str, NodePolicy | None]] = []
     for comm in sorted(set(comms)):
@@ -645,12 +711,23 @@ def prune(client: ManagerClient, node: str) -> list[NodePolicy]:
     return deleted
 
 
+def applies_to(policy: NodePolicy, node: str) -> bool | None:
+    """Whether ``policy`` covers ``node``: the Manager ANDs the non-empty selector kinds, and this client
+    cannot evaluate node labels or DRA devices, so a policy with such selectors is None (unknown) unless
+    its node names already leave ``node`` out."""
+    if policy.node_names and node not in policy.node_names:
+        return False
+    if policy.node_selectors or policy.dra_selectors:
+        return None
+    return bool(policy.node_names)
+
+
 def describe(policies: Sequence[NodePolicy], node: str) -> list[dict]:
     """Rows for ``strategies list`` against a Manager."""
     rows = []
     for p in policies:
         rows.append(p.as_json() | {
-            "this_node": node in p.node_names,
+            "this_node": applies_to(p, node),
             "execution_time_human": format_duration_ns(p.execution_time) if p.execution_time > 0 else "-",
         })
     return rows

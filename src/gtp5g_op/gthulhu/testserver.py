@@ -15,7 +15,9 @@ Three modes, each a real HTTP server on 127.0.0.1 speaking the contract describe
   own policies, POST answering no id, PUT/DELETE by ``policyId`` (another user's: 404; a malformed id:
   500 like the real one), 404 ``no nodes match`` for unknown node names (``--nodes``), Go's typing of
   the body (a JSON ``true`` or ``1.5`` as ``priority`` is a 400 ``Invalid request body``), errors as
-  ``{"success": false, "error"}`` and echo's ``{"message": "Not Found"}`` for unknown routes.
+  ``{"success": false, "error"}``, and echo's routing: ``{"message": "Not Found"}`` for unknown routes,
+  also for a known ``/api`` path with another method (the ``/api`` group's catch-all wins over a 405),
+  and the embedded web UI's index.html for any other GET outside ``/api``.
   ``--dm-port P`` adds that node's Decision Maker (``--dm-node``) on a second port, fed by this Manager.
 - ``--mode dm``: a Decision Maker alone: the public-key token (new shape), ``GET
   /api/v1/scheduling/strategies`` resolving its node policies (``POST /api/v1/node-intents``, or the
@@ -381,23 +383,54 @@ class Handler(BaseHTTPRequestHandler):
 
     # --- helpers ---------------------------------------------------------------------------------
 
-    def _reply(self, status: int, doc: Any = None, raw: bytes | None = None, content_type: str = "application/json") -> None:
+    def _reply(self, status: int, doc: Any = None, raw: bytes | None = None,
+               content_type: str | None = "application/json") -> None:
         body = raw if raw is not None else json.dumps(doc).encode()
         self.send_response(status)
-        self.send_header("Content-Type", content_type)
+        if content_type:
+            self.send_header("Content-Type", content_type)
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":
+            self.wfile.write(body)
 
     def _error(self, status: int, message: str) -> None:
         self._reply(status, {"success": False, "error": message})
 
+    #: Paths of routes the modes have besides the ones the test server implements (for 404 vs 405).
+    OTHER_ROUTES = {
+        "legacy": {"/api/v1/auth/token", "/api/v1/metrics", "/health", "/"},
+        "manager": {"/health", "/version"},
+        "dm": {"/health", "/version", "/metrics"},
+    }
+
     def _not_found(self, method: str, known_path: bool) -> None:
-        if self.mode == "legacy":  # gorilla/mux
-            self._reply(405 if known_path else 404, raw=b"404 page not found\n" if not known_path else b"",
-                        content_type="text/plain; charset=utf-8")
-        else:  # echo
-            self._reply(405 if known_path else 404, {"message": "Method Not Allowed" if known_path else "Not Found"})
+        """What the real server's router answers for a request no handler here takes."""
+        path = self.path.split("?", 1)[0]
+        known_path = known_path or path in self.OTHER_ROUTES[self.mode]
+        if self.mode == "legacy":  # gorilla/mux: a route's middlewares (CORS) run only when it matches
+            if method == "OPTIONS" and path.startswith("/api/v1/") and known_path:
+                self.send_response(200)
+                self.send_header("Access-Control-Allow-Origin", "*")
+                self.send_header("Access-Control-Allow-Methods", "POST, GET, OPTIONS")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+            elif known_path:
+                self._reply(405, raw=b"", content_type=None)  # mux's methodNotAllowedHandler: the status only
+            else:
+                self._reply(404, raw=b"404 page not found\n", content_type="text/plain; charset=utf-8")
+            return
+        # echo v4: the /api group's middleware registers a catch-all not-found route, which wins over
+        # a 405, so under /api a known path with another method is a 404 too.
+        under_api = path == "/api" or path.startswith("/api/")
+        if known_path and not under_api:
+            self._reply(405, {"message": "Method Not Allowed"})
+        elif self.mode == "manager" and method == "GET" and not under_api:
+            # the Manager embeds its web UI: any other GET is the single-page app's index.html
+            self._reply(200, raw=b"<!doctype html><html><body><div id=\"root\"></div></body></html>",
+                        content_type="text/html; charset=utf-8")
+        else:
+            self._reply(404, {"message": "Not Found"})
 
     def _body(self) -> Any:
         try:
@@ -458,9 +491,13 @@ class Handler(BaseHTTPRequestHandler):
         try:
             if path == "/_control":
                 self._control(method)
-            elif path in ("/health", "/") and method == "GET":
+            elif (path == "/health" or (path == "/" and self.mode == "legacy")) and method == "GET":
                 if not self._apply_fault(False):
                     self._reply(200, {"status": "healthy", "timestamp": _now(), "service": "gthulhu-testserver"})
+            elif path == "/version" and method == "GET" and self.mode != "legacy":
+                endpoints = ("/health, /version, POST_/api/v1/intents, GET_/api/v1/scheduling/strategies"
+                             if self.mode == "dm" else "/api/v1/auth/token (POST), /health (GET), /static/ (Frontend)")
+                self._reply(200, {"message": "BSS Metrics API Server", "version": "1.0.0", "endpoints": endpoints})
             elif self.mode == "manager":
                 self._manager(method, path)
             elif self.mode == "dm":
@@ -486,6 +523,12 @@ class Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         self._dispatch("DELETE")
 
+    def do_OPTIONS(self) -> None:
+        self._dispatch("OPTIONS")
+
+    def do_HEAD(self) -> None:
+        self._dispatch("HEAD")
+
     # --- legacy ----------------------------------------------------------------------------------
 
     def _legacy(self, method: str, path: str) -> None:
@@ -508,9 +551,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def _token(self, shape: str | None = None) -> None:
         body = self._body()
-        pem = body.get("public_key") if isinstance(body, dict) else None
+        if body is not None and not isinstance(body, dict):
+            raise BadRequest("json: cannot unmarshal into Go value of type rest.TokenRequest")
+        pem = (body or {}).get("public_key") or ""  # absent: Go's zero value, refused below as a bad key
         if not isinstance(pem, str):
-            raise BadRequest("public_key missing")
+            raise BadRequest("json: cannot unmarshal into Go struct field TokenRequest.public_key of type string")
         try:
             given = serialization.load_pem_public_key(pem.encode())
         except ValueError:
@@ -532,7 +577,8 @@ class Handler(BaseHTTPRequestHandler):
     def _get_strategies(self) -> None:
         with self.state.lock:
             resolved = self.state.resolved()
-        self._reply(200, {"success": True, "message": "Scheduling strategies retrieved", "timestamp": _now(), "scheduling": resolved})
+        self._reply(200, {"success": True, "message": "Scheduling strategies retrieved", "timestamp": _now(),
+                          "scheduling": resolved or None})  # Go's nil slice: null when nothing resolves
 
     def _post_strategies(self) -> None:
         body = self._body()

@@ -270,18 +270,28 @@ def check_api(settings: Settings | str, timeout: float = 3.0) -> Check:
 
 
 def check_api_login(settings: Settings, kind: str, timeout: float = 3.0) -> Check:
-    """Log in to the API with the configured credentials (a token is obtained, nothing is written)."""
+    """Log in to the API with the configured credentials (a token is obtained, nothing is written).
+
+    A Manager lets a user log in who may then do nothing (a new user must change the password first,
+    a role may lack the node policy permissions: every call is a 403), so for a Manager the user's
+    policies are read too.
+    """
     from gtp5g_op.gthulhu import factory
 
     name = "API login"
+    policies = None
     try:
         with factory.connect(settings, kind) as client:
             client.http.deadline = timeout
             client.authenticate()
+            if kind == "manager":
+                policies = len(client.list_policies())  # type: ignore[union-attr]
     except OpError as exc:
         return Check(name, FAIL, exc.message, exc.fix or "")
-    who = f"user {settings.username}" if kind == "manager" else "a token for the public key (RS256 verified)"
-    return Check(name, OK, f"{who}: accepted by {settings.api_url}")
+    if kind == "manager":
+        return Check(name, OK, f"user {settings.username}: accepted by {settings.api_url}, "
+                               f"and may read its node policies ({policies} now)")
+    return Check(name, OK, f"a token for the public key (RS256 verified): accepted by {settings.api_url}")
 
 
 def check_decision_maker(settings: Settings, timeout: float = 3.0) -> Check:
