@@ -157,7 +157,9 @@ def build_tracer(out_dir: str | os.PathLike | None = None, kernel_btf: str | os.
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc.strerror}", fix="pass a writable directory (--out for build tracer, --build-dir for tracer run and selftest)") from exc
+        raise UsageError(f"cannot create {out}: {exc.strerror}",
+                         fix="pass a writable directory (--out for build tracer, --build-dir for tracer run "
+                             "and selftest)") from exc
     if kernel_btf.is_file():  # a missing one is the kernel's problem, said by write_vmlinux_h
         check_btf_file(kernel_btf, "the kernel's BTF", "--kernel-btf")
     if module_btf is not None:
