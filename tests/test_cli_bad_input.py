@@ -116,6 +116,13 @@ ROWS = [
     (["strategies", "list", "--username", "u", "--password-file", "{dir}", "--api-url", "http://127.0.0.1:9"], 2,
      "password file"),
     (["strategies", "list", "--api", "nope"], 2, "nope"),
+    # a comm no policy can match is bad input: refused before any connection (it was exit 1 after login)
+    (["strategies", "push", "--comm", "", "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "comm '' cannot be matched exactly"),
+    (["strategies", "push", "--comm", "x" * 16, "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "1 to 15 bytes"),
+    (["strategies", "delete", "--comm", "", "--username", "u", "--api-url", "http://127.0.0.1:9"], 2,
+     "comm '' cannot be matched exactly"),
     (["strategies", "list", "--dm-url", "ftp://x", "--public-key", "{key}"], 2, "not an http(s) url"),
     (["watch", "--replay", "--push", "--api-url", "http://user:pw@127.0.0.1:9"], 2, "carries credentials"),
     # --- patch-module
@@ -289,6 +296,22 @@ def test_a_closed_stdout_ends_quietly():
     assert err == b"", err.decode()
 
 
+@pytest.mark.parametrize("args", [["watch", "--replay"], ["--help"], ["watch", "--help"], ["doctor"],
+                                  ["watch", "--replay", "--no-validate", "--json"]])
+def test_a_stdout_closed_before_the_first_write_ends_quietly_with_0(args):
+    """The reader of stdout is gone before anything is written (``| head -1`` that already exited): rich's
+    own broken-pipe handler (tables) and click's (help of the top group) exited 1, "the answer is no"."""
+    rfd, wfd = os.pipe()
+    os.close(rfd)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "gtp5g_op", *args], stdout=wfd, stderr=subprocess.PIPE,
+                              timeout=60)
+    finally:
+        os.close(wfd)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stderr == b"", proc.stderr.decode()
+
+
 def test_a_bug_is_one_line_exit_70_and_vv_shows_the_traceback(monkeypatch):
     """An exception nobody turned into an OpError: one line saying it is a bug; the traceback with -vv."""
     from gtp5g_op.ops import doctor
@@ -312,3 +335,34 @@ def test_the_workload_helper_uses_the_same_error_path():
     assert proc.stderr.splitlines() == [
         "gtp5g-op: error: invalid value for '--rate': 'fast' is not a number; fix: give a number for --rate; "
         "`python -m gtp5g_op.kernel.workload --help` lists its options and examples"]
+
+
+@pytest.mark.parametrize("args", [["verify", "{closed}/gtp5g.ko"],
+                                  ["tracer", "run", "--build-dir", "{closed}/build", "--duration", "0"]])
+def test_a_path_in_a_directory_the_user_cannot_search_is_bad_input_not_a_bug(tmp_path, args):
+    """As uid 65534, a path under a 0700 directory of root's: stat() fails with EACCES, which
+    ``Path.is_dir()``/``is_file()`` raise rather than answer; both ended as exit 70 "a bug in gtp5g-op"."""
+    from hostile import as_user, require_root
+
+    require_root("needs root to drop to uid 65534")
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    tmp_path.chmod(0o755)
+    argv = [a.format(closed=closed) for a in args]
+    # This interpreter's standard library may be out of uid 65534's reach: load what the command needs now.
+    import encodings.utf_8_sig  # noqa: F401
+
+    import gtp5g_op.kernel.bpf_loader  # noqa: F401
+    import gtp5g_op.kernel.tracer_build  # noqa: F401
+    import gtp5g_op.kernel.verify  # noqa: F401
+
+    CliRunner().invoke(main, [*args[:2], "--help"])
+
+    def run() -> tuple[int, str]:
+        result = CliRunner().invoke(main, argv, env={"HOME": "/nonexistent", "XDG_CACHE_HOME": ""})
+        return result.exit_code, result.output
+
+    code, output = as_user(run)
+    assert code == 2, output
+    assert len(output.strip().splitlines()) == 1 and "unexpected" not in output, output
+    assert str(closed) in output and "uid 65534" in output or "Permission denied" in output, output

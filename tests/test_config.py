@@ -271,6 +271,27 @@ def test_any_environment_gives_settings_or_one_usage_error(env):
         assert exc.message and exc.fix
 
 
+@pytest.mark.parametrize("value", ["1e-300", "0.001", "0.5"])
+def test_a_push_interval_below_a_second_is_refused_everywhere(tmp_path, value):
+    """``--interval 1e-300`` (or the config's) passed: the pusher re-sent the whole set back to back, about
+    10 GET+POST pairs a second against the test server here, the same spin issue 11 found with nan."""
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+    from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
+
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"[push]\ninterval = {value}\n")
+    for source in ({"config": cfg}, {"env": {"GTP5G_OP_INTERVAL": value}}, {"interval": float(value)}):
+        with pytest.raises(UsageError, match="too small"):
+            load_settings(**({"env": {}} | source))
+    out = CliRunner().invoke(main, ["watch", "--replay", "--push", "--interval", value])
+    assert out.exit_code == 2 and "'--interval'" in out.output and "at least 1" in out.output, out.output
+    with pytest.raises(UsageError, match="too small"):
+        run_watch(WatchOptions(replay=BUNDLED_SAMPLE, interval=float(value)))
+    assert load_settings(env={"GTP5G_OP_INTERVAL": "1"}).interval == 1.0
+
+
 def test_a_path_under_an_unknown_users_home_is_one_usage_error(monkeypatch):
     """GTP5G_OP_PUBLIC_KEY='~0' (found by the hypothesis test above): pathlib raises RuntimeError."""
     from click.testing import CliRunner

@@ -121,3 +121,20 @@ def test_cli_doctor_honours_config(gthulhu_server, tmp_path):
     res = CliRunner().invoke(main, ["doctor", "--json", "--config", str(cfg)], env={"GTP5G_OP_API_URL": ""})
     by_name = {c["name"]: c for c in json.loads(res.output)["checks"]}
     assert gthulhu_server.url in by_name["Gthulhu API"]["detail"] and by_name["API login"]["status"] == "ok"
+
+
+def test_a_url_too_long_for_the_table_at_80_columns_stays_whole(tmp_path):
+    """``doctor --api-url http://gthulhu-api.gthulhu.svc:80`` (the in-cluster URL of docs/config.md) at
+    80 columns folded "POST http://gthulhu-api.gthulhu.svc:80/api/v1/auth/l" | "ogin:" inside the table.
+    Replayed with an address that refuses at once: the same length, no name resolution involved."""
+    with socket.socket(socket.AF_INET6) as s:  # a port nothing listens on
+        s.bind(("::1", 0))
+        port = s.getsockname()[1]
+    url = f"http://[0000:0000:0000:0000:0000:0000:0000:0001]:{port}"
+    res = CliRunner().invoke(main, ["doctor", "--api-url", url, "--public-key", str(tmp_path / "none.pub")],
+                             env={"COLUMNS": "80"})
+    assert res.exit_code == 1, res.output
+    assert f"{url}/api/v1/auth/token" in res.output or f"{url}/api/v1/auth/login" in res.output, res.output
+    assert "fix: " in res.output and "tracefs" in res.output
+    res = CliRunner().invoke(main, ["doctor"], env={"COLUMNS": "80", "GTP5G_OP_API_URL": "http://127.0.0.1:9"})
+    assert "┃ check" in res.output  # a URL that fits: still the table

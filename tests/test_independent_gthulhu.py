@@ -240,7 +240,7 @@ def test_tokens_without_iat_and_a_refresh_that_does_not_rotate(tmp_path):
     state.access_ttl = 3
     with Server("manager", state, no_iat=True, no_rotation=True) as manager:
         s = load_settings(env={"GTP5G_OP_PASSWORD": PASSWORD}, api_url=manager.url, api_kind="manager", username=USER,
-                          node_name=NODE, interval=0.5, state_dir=str(tmp_path / "state"))
+                          node_name=NODE, interval=1.0, state_dir=str(tmp_path / "state"))
         pusher = factory.make_pusher(s)
         pusher.start()
         try:

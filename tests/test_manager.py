@@ -395,3 +395,19 @@ def test_watch_push_against_a_manager_end_to_end(gthulhu_start, tmp_path):
     assert [p["commandRegex"] for p in server.policies(MANAGER_USER)] == ["^(?P<gtp5g_op>)(?:nr-ue)$"]
     assert b"is a Gthulhu v1.x Manager (auto-detected" in err
     assert MANAGER_PASSWORD.encode() not in out + err and b"eyJ" not in out + err
+
+
+def test_comms_from_the_server_or_the_command_line_reach_the_terminal_escaped(run, manager_server):
+    """A policy named by a server (or a comm typed on the command line) holding ESC sequences and a newline:
+    push, delete and prune printed them raw, so a hostile server could drive the terminal."""
+    hostile = "^(?P<gtp5g_op_manual>)(?:a\\x1B\\[2Jb)$"  # our own marker: prune deletes it and names its comm
+    manager_server.control(policies=[{"creator": MANAGER_USER, "nodeNames": [NODE], "commandRegex": hostile,
+                                      "priority": 3}])
+    res = run("prune")
+    assert res.exit_code == 0, res.output
+    assert "\x1b" not in res.output and "a\\x1b[2Jb" in res.output, res.output
+    res = run("push", "--comm", "c\x1b]0;title\x07d")
+    assert res.exit_code == 0 and "\x1b" not in res.output and "\x07" not in res.output, res.output
+    assert "c\\x1b]0;title\\x07d" in res.output
+    res = run("delete", "--comm", "c\x1b]0;title\x07d")
+    assert res.exit_code == 0 and "\x1b" not in res.output and "c\\x1b]0;title\\x07d" in res.output, res.output

@@ -280,3 +280,40 @@ def test_cli_metrics_addr_is_checked():
 
     out = CliRunner().invoke(main, ["watch", "--replay", "--metrics-port", "0", "--metrics-addr", "localhost"])
     assert out.exit_code == 2 and "is not an IP address" in out.output and "Traceback" not in out.output
+
+
+def test_a_scraper_cannot_flood_the_watch_log(tmp_path):
+    """Any local user can reach the loopback endpoint: 2 connections pipelining 2000 requests each made a
+    real watch write ~400 "Task queue depth is 1" warnings (waitress's queue logger) into its log."""
+    import os
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    proc = subprocess.Popen([sys.executable, "-m", "gtp5g_op", "watch", "--trace-pipe", str(fifo), "--no-validate",
+                             "--metrics-port", str(port), "--duration", "8"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    writer = open(fifo, "wb")  # noqa: SIM115 - held open while the watch runs
+    try:
+        for _ in range(100):
+            try:
+                get(port, "/livez")
+                break
+            except requests.ConnectionError:
+                time.sleep(0.1)
+        flood = [socket.create_connection(("127.0.0.1", port)) for _ in range(2)]
+        for conn in flood:
+            conn.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 2000)
+        time.sleep(3)
+        assert get(port, "/livez").status_code == 200
+        for conn in flood:
+            conn.close()
+    finally:
+        writer.close()
+        _, err = proc.communicate(timeout=30)
+    assert b"Task queue depth" not in err, err.decode()[-500:]
+    assert len(err.splitlines()) <= 2, err.decode()[-2000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hostile import NOBODY, as_user, open_tmp, require_root  # noqa: F401 - open_tmp is a fixture
 
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
@@ -301,3 +302,48 @@ def test_cli_install_refuses_a_module_without_btf(tmp_path, kdir):
     assert "has no BTF, so the tracer cannot attach to it; nothing was installed" in res.output
     assert "--vmlinux" in res.output and "--allow-no-btf" in res.output
     assert target.exists() == existed
+
+
+def _chown_tree(root: Path, uid: int) -> None:
+    for path in [root, *root.rglob("*")]:
+        os.lchown(path, uid, uid)
+
+
+@pytest.mark.slow
+def test_build_and_install_never_write_or_read_through_links_a_tree_owner_planted(open_tmp, kdir):
+    """Root builds uid 65534's tree: planted links at build.log and gtp5g.ko must not reach root's files."""
+    require_root()
+    src = open_tmp / "tree"
+    shutil.copytree(MINI / "v0.8", src)
+    _chown_tree(src, NOBODY)
+    victim = open_tmp / "victim"
+    victim.write_text("root's file\n")
+    victim.chmod(0o600)
+
+    def plant_log_link() -> None:
+        (src / patcher.STATE_DIR).mkdir()
+        (src / patcher.STATE_DIR / "build.log").symlink_to(victim)
+
+    as_user(plant_log_link)
+    ko = build_ok(src, kdir).ko
+    assert victim.read_text() == "root's file\n" and (victim.stat().st_mode & 0o777) == 0o600
+    assert not (src / patcher.STATE_DIR / "build.log").is_symlink()
+
+    def swap_module_for_a_link() -> None:
+        ko.unlink()
+        ko.symlink_to(victim)
+
+    as_user(swap_module_for_a_link)
+    root = open_tmp / "root"
+    with pytest.raises(UsageError, match="it is a symlink"):
+        modbuild.install(ko, "6.1.0-test", root=root)
+    assert not (root / "lib/modules/6.1.0-test/kernel/drivers/net/gtp5g.ko").exists()
+
+    def swap_state_dir_for_a_link() -> None:
+        shutil.rmtree(src / patcher.STATE_DIR)
+        (src / patcher.STATE_DIR).symlink_to(open_tmp)
+
+    as_user(swap_state_dir_for_a_link)
+    with pytest.raises(UsageError, match="is a symlink or not a directory"):
+        modbuild.build(src, kdir, jobs=2)
+    assert not (open_tmp / "build.log").exists()

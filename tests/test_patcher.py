@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from hostile import open_tmp  # noqa: F401 - a fixture
 
 from gtp5g_op.cli import main
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
@@ -404,3 +405,43 @@ def test_cli_errors_are_one_line(tmp_path):
 def test_cli_help_has_examples():
     res = run("patch-module", "--help")
     assert "Examples:" in res.output and "--revert" in res.output
+
+
+def test_root_patching_a_tree_another_user_owns_follows_none_of_their_symlinks(open_tmp, exports):
+    """uid 65534 owns the tree root patches and plants symlinks at the predictable temp name and in the
+    state directory. The old code opened ``.encap.c.gtp5g-op.tmp`` with open(..., "wb"): root truncated
+    the symlink's target, wrote the user's encap.c into it and gave it encap.c's mode (0664 here)."""
+    from hostile import NOBODY, as_user, require_root
+
+    require_root("needs root to play the victim of uid 65534")
+    tmp_path = open_tmp
+    victim = tmp_path / "root-only"
+    victim.write_text("precious\n")
+    victim.chmod(0o600)
+    root = tmp_path / "user-tree"
+    shutil.copytree(MINI / "v0.10", root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in [dirpath, *(os.path.join(dirpath, n) for n in dirnames + filenames)]:
+            os.chown(name, NOBODY, NOBODY)
+
+    def plant() -> None:
+        os.symlink(victim, root / "src" / "gtpu" / ".encap.c.gtp5g-op.tmp")
+        (root / patcher.STATE_DIR).mkdir()
+        os.symlink(victim, root / patcher.STATE_DIR / ".gitignore")
+
+    as_user(plant)
+    result = patcher.patch(root, exports)
+    assert result.changed and "src/gtpu/encap.c" in result.changed
+    assert victim.read_text() == "precious\n" and (victim.stat().st_mode & 0o777) == 0o600
+    assert not (root / patcher.STATE_DIR / ".gitignore").is_symlink()
+    assert patcher.revert(root).restored
+    assert victim.read_text() == "precious\n"
+
+    # A state directory that is itself a symlink (to a directory of root's): refused, nothing written there.
+    elsewhere = tmp_path / "root-dir"
+    elsewhere.mkdir(mode=0o755)
+    as_user(lambda: os.symlink(elsewhere, root / patcher.STATE_DIR))
+    with pytest.raises(UsageError, match="symlink"):
+        patcher.patch(root, exports)
+    assert os.listdir(elsewhere) == []
+    assert victim.read_text() == "precious\n"

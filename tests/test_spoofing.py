@@ -225,3 +225,69 @@ def test_a_hostile_executable_path_cannot_forge_log_lines(open_tmp, tmp_path):
     assert "\x1b" not in text and all(line.startswith("gtp5g-op: ") for line in text.splitlines()), text
     assert "x\\ngtp5g-op: WARNING: all good\\x1b[2J" in text and "rejected pid" in text
     assert json.loads(out)["rejected"] == {"untrusted": 1}
+
+
+# --- review of issues 11/12: a sticky directory and a user namespace --------------------------------------
+
+
+def test_a_hard_link_in_a_sticky_world_writable_directory_is_refused(open_tmp):
+    """Where fs.protected_hardlinks is 0 (a sysctl; Debian sets 1), uid 65534 may hard-link /usr/bin/python3
+    into /tmp as ``nr-gnb``: a root-owned file with the target's name, in a sticky directory (which
+    stops others removing entries, not adding them). Replayed with a root-owned sticky 1777 directory and
+    the link made by root (what the kernel lets any user do there with protected_hardlinks=0), run by uid
+    65534: the old rules took it, since only the file's owner and mode were checked."""
+    sticky = open_tmp / "sticky"
+    sticky.mkdir()
+    sticky.chmod(0o1777)
+    link = sticky / "nr-gnb"
+    os.link(os.path.realpath(SYSTEM_PYTHON), link)
+    with Spoofer(str(link)) as s:
+        v = ProcessValidator().check(s.pid, "nr-gnb")
+        assert not v.ok and v.code == "untrusted", v
+        assert f"directory {sticky} is writable by group or others (mode 1777)" in v.reason
+    # A sticky directory higher up (/tmp) is still fine: only the executable's own directory matters there.
+    safe = sticky / "safe"
+    safe.mkdir(mode=0o755)
+    os.link(os.path.realpath(SYSTEM_PYTHON), safe / "nr-gnb")
+    with Spoofer(str(safe / "nr-gnb")) as s:
+        assert ProcessValidator().check(s.pid, "nr-gnb").ok
+
+
+def _userns_bind_possible() -> bool:
+    if shutil.which("unshare") is None:
+        return False
+    probe = subprocess.run(["unshare", "-Urm", "true"], user=NOBODY, group=NOBODY, extra_groups=[],
+                           capture_output=True)
+    return probe.returncode == 0
+
+
+def test_a_program_bind_mounted_over_the_installed_target_in_a_user_namespace_is_refused(open_tmp):
+    """uid 65534 cannot run the installed nr-gnb (mode 0700 here), but in a user and mount namespace of
+    its own it can bind-mount python3 over that path and exec it: /proc/<pid>/exe then names the
+    installed path, root-owned in root-owned directories. The old rules took it."""
+    if not _userns_bind_possible():
+        pytest.skip("unprivileged user namespaces are disabled here (unshare -Urm fails for uid 65534)")
+    build = open_tmp / "UERANSIM" / "build"
+    build.mkdir(parents=True, mode=0o755)
+    build.parent.chmod(0o755)
+    installed = build / "nr-gnb"
+    shutil.copy(os.path.realpath(SYSTEM_PYTHON), installed)
+    installed.chmod(0o700)  # only root may run the real one
+    script = open_tmp / "spoof.py"
+    script.write_text(SPOOFER)
+    script.chmod(0o644)
+    inner = f"mount --bind {os.path.realpath(SYSTEM_PYTHON)} {installed} && exec {installed} {script}"
+    proc = popen_as(["unshare", "-Urm", "sh", "-c", inner], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        assert wait_for(lambda: read_stat(pid).comm == "nr-gnb", 5) is not None
+        assert os.readlink(f"/proc/{pid}/exe") == str(installed)
+        for validator in (ProcessValidator(), ProcessValidator(exe_allow=[str(installed)])):
+            v = validator.check(pid, "nr-gnb")
+            assert not v.ok and v.code == "untrusted", v
+            assert "user namespace" in v.reason
+        # The uid allow-list refused it before too; the opt-out stays explicit.
+        assert ProcessValidator(allow_user_writable_exe=True).check(pid, "nr-gnb").ok
+    finally:
+        proc.kill()
+        proc.wait()

@@ -250,3 +250,74 @@ def test_strategies_push_with_an_unusable_state_dir_fails_before_touching_the_ap
     listed = CliRunner().invoke(main, ["strategies", "list", "--json", "--api-url", gthulhu_server.url,
                                        "--public-key", str(gthulhu_server.public_key), "--state-dir", str(bad)])
     assert listed.exit_code == 0, listed.output  # listing needs no state
+
+
+def test_strategies_push_on_a_full_disk_fails_before_touching_the_api(gthulhu_server, tmp_path):
+    """A state directory that looks fine but cannot take a write (ENOSPC): the old code pushed the PID,
+    then failed to record it (exit 3), leaving a strategy on the server that prune would never remove."""
+    import subprocess
+
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    require_root("mounts a tiny tmpfs")
+    mnt = tmp_path / "full"
+    mnt.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k,mode=0755", "tmpfs", str(mnt)], check=True)
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        state = mnt / "state"
+        StateDir(state).ensure()
+        fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:  # fill the file system to the last byte
+            while os.write(fd, b"\0" * 4096):
+                pass
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        before = gthulhu_server.state()["strategies"]
+        args = ["--api-url", gthulhu_server.url, "--public-key", str(gthulhu_server.public_key),
+                "--state-dir", str(state)]
+        out = CliRunner().invoke(main, ["strategies", "push", "--pid", str(sleeper.pid), *args])
+        assert out.exit_code == 3 and "No space left on device" in out.output, out.output
+        assert gthulhu_server.state()["strategies"] == before
+        assert sleeper.pid not in gthulhu_server.pids()
+        out = CliRunner().invoke(main, ["strategies", "delete", "--pid", "4242", *args])
+        assert out.exit_code == 3 and gthulhu_server.state()["strategies"] == before, out.output
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_symlink_another_user_planted_above_the_state_dir_is_never_followed(open_tmp):
+    """uid 65534 plants /tmp/<x> -> a root directory of its choice; root then runs with --state-dir
+    /tmp/<x>/state. The old code resolved the path once (realpath) and created its directory, lock
+    directory and ownership file inside the attacker's pick."""
+    require_root()
+    target = open_tmp / "chosen-by-the-attacker"
+    target.mkdir(mode=0o755)
+    planted = Path(f"/tmp/gtp5g-op-planted-{os.getpid()}")
+    as_user(lambda: os.symlink(target, planted))
+    try:
+        assert planted.lstat().st_uid == NOBODY
+        with pytest.raises(StateDirError) as exc:
+            StateDir(planted / "state").ensure()
+        assert exc.value.exit_code == EXIT_ENV
+        assert f"{planted} is a symlink owned by uid {NOBODY}" in exc.value.one_line()
+        assert not (target / "state").exists()
+    finally:
+        planted.unlink()
+
+
+def test_symlinks_root_owns_above_the_state_dir_are_followed(base):
+    """/var/run -> /run: a symlink only root could have made is resolved as before."""
+    real = base / "real"
+    real.mkdir(mode=0o755)
+    (base / "alias").symlink_to("real")  # relative, resolved against its own directory
+    (base / "abs").symlink_to(base / "alias")  # a chain
+    sd = StateDir(base / "abs" / "sub" / ".." / "state")
+    sd.write("f", b"x")
+    assert (real / "state" / "f").read_bytes() == b"x"

@@ -18,6 +18,7 @@ from conftest import host_pids, require_root, wait_for
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
 from gtp5g_op.ops.statedir import default_state_dir
 from gtp5g_op.trace.tracefs import (
+    MAX_BUFFER_KB,
     TraceInstance,
     cleanup_stale_instances,
     cpu_stats,
@@ -465,3 +466,25 @@ def test_cli_refuses_an_instance_name_with_a_newline():
 
     out = CliRunner().invoke(main, ["watch", "--instance", "gtp5g-op\n", "--duration", "0.1"])
     assert out.exit_code == 2 and "bad tracefs instance name 'gtp5g-op\\n'" in out.output
+
+
+def test_a_buffer_no_host_can_mean_is_refused_before_tracefs_is_touched(root, name):
+    """``--buffer-kb 99999999999`` reached the kernel (per CPU!), which answered ENOMEM: exit 3 and
+    "Cannot allocate memory (None)"; a value just under the host's memory would have been taken."""
+    from click.testing import CliRunner
+
+    from gtp5g_op.cli import main
+
+    out = CliRunner().invoke(main, ["watch", "--instance", name, "--buffer-kb", "99999999999", "--duration", "1"])
+    assert out.exit_code == 2 and "--buffer-kb" in out.output and "1048576" in out.output, out.output
+    assert not (root / "instances" / name).exists()
+    with pytest.raises(UsageError, match="1048576"):
+        TraceInstance(name, buffer_kb=MAX_BUFFER_KB + 1)
+
+
+def test_a_setting_the_kernel_refuses_is_named_in_the_error(root, name, tmp_path):
+    with pytest.raises(EnvironmentProblem) as exc:
+        TraceInstance(name, clock="no-such-clock", state_dir=tmp_path / "state").open()
+    line = exc.value.one_line()
+    assert "trace_clock" in line and "None" not in line, line
+    assert not (root / "instances" / name).exists()

@@ -25,6 +25,7 @@ DEFAULT_API_URL = "http://127.0.0.1:8080"
 DEFAULT_MATCH = r"^(nr-gnb|nr-ue)$"
 DEFAULT_EXECUTION_TIME_NS = 20_000_000  # 20 ms, what the first lab deployment pushed
 DEFAULT_INTERVAL = 10.0
+MIN_INTERVAL = 1.0  # re-sending the whole set more often only loads the API (1e-300 made the pusher spin)
 ENV_PREFIX = "GTP5G_OP_"
 API_KINDS = ("auto", "legacy", "manager")
 DEFAULT_MANAGER_PRIORITY = 10  # the Gthulhu UI's default; v1.x boosts every priority > 0 alike
@@ -298,7 +299,7 @@ KEYS: dict[str, tuple[str, str, Converter]] = {
     "priority": ("policy", "priority", _bool),
     "execution_time": ("policy", "execution_time", time_slice_ns),
     "manager_priority": ("policy", "manager_priority", _priority_level),
-    "interval": ("push", "interval", _seconds(0.0, 86400.0)),
+    "interval": ("push", "interval", _seconds(MIN_INTERVAL, 86400.0, min_open=False)),
     "debounce": ("push", "debounce", _seconds(0.0, 60.0, min_open=False)),
     "replace": ("push", "replace", _bool),
     "state_dir": ("push", "state_dir", _path),

@@ -6,11 +6,12 @@ import json
 import sys
 
 import click
+from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 from gtp5g_op.cli.common import API, GLOBAL, api_flags, setup_logs, shared_options, shared_values
-from gtp5g_op.cli.output import Col, fit_table, text
+from gtp5g_op.cli.output import Col, fit_table, keys_fit, text
 from gtp5g_op.cli.output import console as make_console
 from gtp5g_op.config import load_settings
 from gtp5g_op.errors import EXIT_FAIL, cli_errors
@@ -42,15 +43,16 @@ def doctor(ctx: click.Context, as_json: bool) -> None:
         click.echo(json.dumps({"ready": ready, "checks": [c.as_dict() for c in results]}))
     else:
         console = make_console()
-        console.print(doctor_table(results, console.width))
+        print_checks(results, console)
         click.echo("ready" if ready else "not ready: see each fix above")
     if not ready:
         sys.exit(EXIT_FAIL)
 
 
-def doctor_table(results: list, width: int) -> Table:
-    """Check and status whole; the detail, then the fix, wrap between words (a URL or path stays whole)."""
-    cols = [Col("check", key=True), Col("status", key=True, wrap=True), Col("detail", key=True, wrap=True)]
+_COLS = [Col("check", key=True), Col("status", key=True, wrap=True), Col("detail", key=True, wrap=True)]
+
+
+def _rows(results: list) -> list[list[Text]]:
     rows = []
     for c in results:
         status = Text(c.status, style=_STYLE[c.status])
@@ -60,4 +62,24 @@ def doctor_table(results: list, width: int) -> Table:
         if c.status != checks.OK and c.fix:
             detail.append("\nfix: ", style="bold").append_text(text(c.fix))
         rows.append([text(c.name), status, detail])
-    return fit_table(Text("gtp5g-op doctor"), cols, rows, width)
+    return rows
+
+
+def doctor_table(results: list, width: int) -> Table:
+    """Check and status whole; the detail, then the fix, wrap between words."""
+    return fit_table(Text("gtp5g-op doctor"), _COLS, _rows(results), width)
+
+
+def print_checks(results: list, console: Console) -> None:
+    """The table when every word of it fits the width; else one line per check (and one per fix), left to
+    the terminal to wrap, so a URL or path too long for a column is never split by the table."""
+    rows = _rows(results)
+    if keys_fit(_COLS, rows, console.width):
+        console.print(doctor_table(results, console.width))
+        return
+    console.print(Text("gtp5g-op doctor", style="italic"))
+    for name, status, detail in rows:
+        what, _, fix = detail.plain.partition("\nfix: ")
+        console.print(Text.assemble(name, ": ", status, ": ", what), soft_wrap=True)
+        if fix:
+            console.print(Text.assemble("  ", ("fix: ", "bold"), fix), soft_wrap=True)

@@ -133,6 +133,14 @@ class OneErrorPath(click.Group):
                 raise _ReaderGone() from exc
             raise
 
+    def make_context(self, *args, **kwargs) -> click.Context:  # type: ignore[override]
+        try:  # the top group's --help and --version print while its context is made
+            return super().make_context(*args, **kwargs)
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise _ReaderGone() from exc
+            raise
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # type: ignore[override]
         if not standalone_mode:
             return super().main(args, prog_name, complete_var, standalone_mode, **extra)

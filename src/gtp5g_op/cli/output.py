@@ -13,6 +13,7 @@ does not fit; a caption names what was dropped (``--json`` has everything).
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -30,13 +31,22 @@ DEFAULT_WIDTH = 80  # when neither a terminal nor COLUMNS says
 MIN_WIDTH = 20
 
 
+class _Console(Console):
+    """rich's Console, but a reader that went away (``| head``) ends the command through the one error
+    path (cli/errorpath.py: quietly, exit 0) instead of rich's own ``SystemExit(1)``, "the answer is no"."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
+
+
 def console(stderr: bool = False) -> Console:
     """A rich Console for people: ``COLUMNS`` when set (piped output too), else the terminal's width, else 80."""
     width = None
     columns = os.environ.get("COLUMNS", "")
     if columns.isdigit() and int(columns) >= MIN_WIDTH:
         width = int(columns)
-    con = Console(stderr=stderr, width=width, highlight=False)
+    con = _Console(stderr=stderr, width=width, highlight=False)
     if width is None and not con.is_terminal:
         con.width = DEFAULT_WIDTH
     return con
@@ -99,12 +109,16 @@ def _need(col: Col, cells: list[Cell]) -> int:
     return _natural(col, cells) if col.min is None else min(_natural(col, cells), max(col.min, 1))
 
 
-def fit_table(title: str | Text, cols: Sequence[Col], rows: Sequence[Sequence[Cell]], width: int,
-              what: str = "--json") -> Table:
-    """A table of ``rows`` that fits ``width`` columns without cutting a key fact (see :class:`Col`).
+def keys_fit(cols: Sequence[Col], rows: Sequence[Sequence[Cell]], width: int) -> bool:
+    """Whether :func:`fit_table` can show every key fact of ``rows`` unbroken in ``width`` columns (a URL
+    longer than its column is folded mid-word when it cannot)."""
+    return _layout(cols, rows, width)[4]
 
-    ``what`` names where the dropped columns can be read in full.
-    """
+
+def _layout(cols: Sequence[Col], rows: Sequence[Sequence[Cell]],
+            width: int) -> tuple[list[int], dict[int, int], list[str], bool, bool]:
+    """Columns kept, their widths, the headers dropped, whether the keys fit (folding only at spaces) and
+    whether every word of theirs fits unbroken."""
     keep = list(range(len(cols)))
     column_cells = [[row[i] for row in rows] for i in range(len(cols))]
     need = [_need(c, cells) for c, cells in zip(cols, column_cells)]
@@ -120,7 +134,7 @@ def fit_table(title: str | Text, cols: Sequence[Col], rows: Sequence[Sequence[Ce
         dropped.append(cols[i].header)
     widths = {i: need[i] for i in keep}
     spare = width - total(keep)
-    fits = spare >= 0
+    fits = unbroken = spare >= 0
     if not fits:  # too narrow even for the keys: squeeze what may wrap or fold, widest first
         flexible = [i for i in keep if cols[i].wrap or cols[i].min is not None]
         while spare < 0 and flexible:
@@ -138,6 +152,16 @@ def fit_table(title: str | Text, cols: Sequence[Col], rows: Sequence[Sequence[Ce
         if grow > 0:
             widths[i] += grow
             spare -= grow
+    return keep, widths, dropped, fits, unbroken
+
+
+def fit_table(title: str | Text, cols: Sequence[Col], rows: Sequence[Sequence[Cell]], width: int,
+              what: str = "--json") -> Table:
+    """A table of ``rows`` that fits ``width`` columns without cutting a key fact (see :class:`Col`).
+
+    ``what`` names where the dropped columns can be read in full.
+    """
+    keep, widths, dropped, fits, _ = _layout(cols, rows, width)
     caption = f"not shown at {width} columns: {', '.join(dropped)} ({what} has every field)" if dropped else None
     table = Table(title=title if isinstance(title, Text) else text(title), title_justify="left",
                   caption=caption, caption_justify="left", box=box.HEAVY_HEAD)

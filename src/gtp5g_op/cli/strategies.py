@@ -19,7 +19,7 @@ from rich.table import Table
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, api_flags, setup_logs, shared_options, shared_values
 from gtp5g_op.cli.output import Col, console, fit_table, text
 from gtp5g_op.config import Settings, format_duration_ns, load_settings
-from gtp5g_op.errors import UsageError, cli_errors
+from gtp5g_op.errors import UsageError, cli_errors, escape_control
 from gtp5g_op.gthulhu import factory, legacy, manager
 from gtp5g_op.gthulhu.detect import MANAGER
 from gtp5g_op.gthulhu.ownership import OwnershipStore
@@ -37,15 +37,25 @@ def _settings(ctx: click.Context, **flags: Any) -> Settings:
     return load_settings(given.get("config"), **api_flags(ctx), state_dir=given.get("state_dir"), **flags)
 
 
-def _store(settings: Settings) -> OwnershipStore:
-    """The ownership file; an unusable state directory is an error now, before the API is changed."""
+def _store(settings: Settings, writing: bool = True) -> OwnershipStore:
+    """The ownership file; when ``writing``, a state directory that cannot keep it (unsafe, read-only,
+    full) is an error now, before the API is changed."""
     store = OwnershipStore(settings.api_url, settings.state_dir)
-    store.dir.ensure()
+    if writing:
+        store.check_writable()
+    else:
+        store.dir.ensure()
     return store
 
 
 def _emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, sort_keys=True))
+
+
+def _say(message: str) -> None:
+    """Print one line for people; comms and names from the server or the command line may hold control
+    characters (ESC sequences, newlines): they are shown escaped, never sent to the terminal."""
+    click.echo(escape_control(message))
 
 
 def _plural(n: int, one: str, many: str) -> str:
@@ -73,6 +83,10 @@ def _need_targets(pids: tuple[int, ...], comms: tuple[str, ...]) -> None:
     if not pids and not comms:
         raise UsageError("missing option '--pid' (legacy API) or '--comm' (Gthulhu v1.x Manager)",
                          "give --pid N for a legacy API or --comm NAME for a Manager (see --help)")
+    bad = [c for c in comms if not manager.usable_comm(c)]
+    if bad:
+        raise UsageError(f"comm {bad[0]!r} cannot be matched exactly (1 to {manager.COMM_MAX_BYTES} bytes of UTF-8)",
+                         "give the comm as /proc/<pid>/comm shows it")
     if pids:
         _check_pids(pids)
 
@@ -131,7 +145,7 @@ def list_cmd(ctx: click.Context, as_json: bool) -> None:
         _emit_json(entries)
         return
     try:
-        owners = _store(settings).load()
+        owners = _store(settings, writing=False).load()
     except StateDirError as exc:  # listing needs no state: say who owns what as far as is known
         log.warning("owners unknown: %s", exc.one_line())
         owners = {}
@@ -242,7 +256,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...], 
             return
         parts = [f"{verb} the policy for {', '.join(doc[key])}" for key, verb in
                  (("created", "created"), ("updated", "updated"), ("unchanged", "kept")) if doc[key]]
-        click.echo(f"{'; '.join(parts)} on node {settings.node_name} (priority {level}, "
+        _say(f"{'; '.join(parts)} on node {settings.node_name} (priority {level}, "
                    f"{format_duration_ns(policy.execution_time_ns)})")
         return
     if comms or not pids:
@@ -262,7 +276,7 @@ def push_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...], 
     if as_json:
         _emit_json(doc)
     else:
-        click.echo(
+        _say(
             f"pushed {_plural(len(doc['pushed']), 'strategy', 'strategies')} "
             f"(priority {str(policy.priority).lower()}, {format_duration_ns(policy.execution_time_ns)}); "
             f"kept {_plural(result.selector_strategies, 'selector strategy', 'selector strategies')} and "
@@ -297,7 +311,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...]
         if as_json:
             _emit_json({"api": "manager", "node": settings.node_name, "removed": removed_comms})
         else:
-            click.echo(f"removed {', '.join(removed_comms)} from gtp5g-op's policies on node {settings.node_name}")
+            _say(f"removed {', '.join(removed_comms)} from gtp5g-op's policies on node {settings.node_name}")
         return
     if comms or not pids:
         raise UsageError("a legacy Gthulhu API takes PIDs, not comms", "give --pid N (repeatable)")
@@ -307,7 +321,7 @@ def delete_cmd(ctx: click.Context, pids: tuple[int, ...], comms: tuple[str, ...]
     if as_json:
         _emit_json({"removed": removed})
     else:
-        click.echo(f"removed the strategies of PID {', '.join(map(str, removed))}")
+        _say(f"removed the strategies of PID {', '.join(map(str, removed))}")
 
 
 @strategies.command("prune")
@@ -332,10 +346,10 @@ def prune_cmd(ctx: click.Context, as_json: bool) -> None:
         if as_json:
             _emit_json({"api": "manager", "node": settings.node_name, "removed": [p.as_json() for p in deleted]})
         elif deleted:
-            click.echo(f"deleted {_plural(len(deleted), 'policy', 'policies')} gtp5g-op put on node "
+            _say(f"deleted {_plural(len(deleted), 'policy', 'policies')} gtp5g-op put on node "
                        f"{settings.node_name}: {'; '.join(', '.join(p.comms) for p in deleted)}")
         else:
-            click.echo(f"nothing to remove: {settings.api_url} holds no gtp5g-op policy of {settings.username} "
+            _say(f"nothing to remove: {settings.api_url} holds no gtp5g-op policy of {settings.username} "
                        f"for node {settings.node_name}")
         return
     with factory.connect(settings, kind) as client:
@@ -344,11 +358,11 @@ def prune_cmd(ctx: click.Context, as_json: bool) -> None:
         _emit_json({"removed": result.removed, "recorded": result.recorded, "ownership_file": result.ownership_file,
                     "server_pid_strategies": result.server_pid_strategies})
     elif result.removed:
-        click.echo(f"removed the strategies gtp5g-op put there: PID {', '.join(map(str, result.removed))}")
+        _say(f"removed the strategies gtp5g-op put there: PID {', '.join(map(str, result.removed))}")
     elif result.recorded:
-        click.echo(f"nothing to remove: the PIDs in {result.ownership_file} ({', '.join(map(str, result.recorded))}) "
+        _say(f"nothing to remove: the PIDs in {result.ownership_file} ({', '.join(map(str, result.recorded))}) "
                    f"are no longer on {settings.api_url}; forgot them")
     else:
-        click.echo(f"nothing to remove: {result.ownership_file} records no strategy of gtp5g-op for {settings.api_url} "
+        _say(f"nothing to remove: {result.ownership_file} records no strategy of gtp5g-op for {settings.api_url} "
                    f"(the server holds {_plural(result.server_pid_strategies, 'PID strategy', 'PID strategies')}, "
                    f"none of them gtp5g-op's)")

@@ -8,7 +8,9 @@ import sys
 import click
 
 from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup_logs, shared_options, shared_values
+from gtp5g_op.config import MIN_INTERVAL
 from gtp5g_op.errors import UsageError, cli_errors
+from gtp5g_op.trace.tracefs import MAX_BUFFER_KB
 from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
 
 
@@ -48,7 +50,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 )
 @click.option("--trace-pipe", metavar="PATH", help="Read this pipe, FIFO or file instead of a private tracefs instance.")
 @click.option("--instance", default="gtp5g-op", show_default=True, help="Name of the private tracefs instance.")
-@click.option("--buffer-kb", type=click.IntRange(min=4), help="Per-CPU buffer size of the private instance.")
+@click.option("--buffer-kb", type=click.IntRange(min=4, max=MAX_BUFFER_KB),
+              help="Per-CPU buffer size of the private instance (KiB, at most 1048576).")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
 @click.option("--validate/--no-validate", default=None,
               help="Check every subject against this host's processes. [default: on, except for a --replay "
@@ -70,7 +73,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
               help="With --with-tracer: one line per thread and hook this often (0: every event). [default: 1]")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")
 @click.option("--replace", is_flag=True, default=None, help="Replace the server's whole set instead of merging.")
-@click.option("--interval", type=Number(0, 86400), metavar="SECONDS", help="Re-send the set this often. [default: 10]")
+@click.option("--interval", type=Number(MIN_INTERVAL, 86400, min_open=False), metavar="SECONDS",
+              help="Re-send the set this often (at least 1). [default: 10]")
 @click.option("--priority/--no-priority", default=None, help="Strategy priority. [default: priority]")
 @click.option("--execution-time", metavar="DURATION", help="Strategy time slice, e.g. 20ms. [default: 20ms]")
 @shared_options(*GLOBAL, *API, STATE_DIR)

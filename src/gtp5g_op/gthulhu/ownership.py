@@ -65,6 +65,11 @@ class OwnershipStore:
         """PIDs of ``kind`` (all kinds when None)."""
         return {pid for pid, k in self.load().items() if kind is None or k == kind}
 
+    def check_writable(self) -> None:
+        """Rewrite the file under its lock, changing nothing: a state directory that cannot take a write
+        (read-only, full, ...) raises StateDirError now, before the server is changed and the record lost."""
+        self.change()
+
     def change(self, set_watch: Iterable[int] | None = None, add_manual: Iterable[int] = (), remove: Iterable[int] = ()) -> None:
         """Replace the watch-owned PIDs (if given), add manual PIDs, remove PIDs; one locked update."""
         with self._locked():

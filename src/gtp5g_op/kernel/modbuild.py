@@ -10,11 +10,13 @@ error 127 and deletes the .ko).
 
 from __future__ import annotations
 
+import errno
 import logging
 import lzma
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Sequence
@@ -22,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from gtp5g_op.errors import EnvironmentProblem, OpError, UsageError
-from gtp5g_op.kernel.patcher import STATE_DIR, is_gtp5g_tree
+from gtp5g_op.kernel.patcher import STATE_DIR, is_gtp5g_tree, real_dir, write_new_temp
 from gtp5g_op.model import Check
 
 log = logging.getLogger(__name__)
@@ -177,12 +179,9 @@ def place_vmlinux(kdir: Path, source: Path) -> Path:
     """Put kernel KDIR-release's vmlinux (from ``source``, see :func:`vmlinux_for`) in KDIR, atomically."""
     elf = vmlinux_for(source, kdir_release(kdir))
     target = kdir / "vmlinux"
-    tmp = kdir / ".vmlinux.gtp5g-op.tmp"
     try:
-        tmp.write_bytes(elf)
-        os.replace(tmp, target)
+        os.replace(write_new_temp(target, elf, mode=0o644), target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EnvironmentProblem(f"cannot write {target}: {exc.strerror}",
                                  fix="run as root, or build against a writable copy of KDIR (--kdir)") from exc
     return target
@@ -200,12 +199,9 @@ def can_offer_vmlinux(kdir: Path) -> bool:
 def copy_vmlinux(kdir: Path) -> Path:
     """Copy the running kernel's BTF to KDIR/vmlinux so kbuild generates module BTF."""
     target = kdir / "vmlinux"
-    tmp = kdir / ".vmlinux.gtp5g-op.tmp"
     try:
-        shutil.copyfile(SYS_VMLINUX, tmp)
-        os.replace(tmp, target)
+        os.replace(write_new_temp(target, SYS_VMLINUX.read_bytes(), mode=0o644), target)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise EnvironmentProblem(f"cannot copy {SYS_VMLINUX} to {target}: {exc}",
                                  fix="run as root, or copy it yourself") from exc
     return target
@@ -239,17 +235,19 @@ def build(src: Path, kdir: Path | None = None, kver: str | None = None,
     if needs_resolve_btfids_override(kdir):
         cmd.append("RESOLVE_BTFIDS=true")
         notes.append("KDIR has no resolve_btfids (Debian headers): built with RESOLVE_BTFIDS=true")
-    state = src / STATE_DIR
-    state.mkdir(exist_ok=True)
-    (state / ".gitignore").write_text("*\n")
+    # SRC may be another user's tree (root builds it): nothing there is written through a planted link.
+    state = real_dir(src / STATE_DIR)
+    os.replace(write_new_temp(state / ".gitignore", b"*\n", mode=0o644), state / ".gitignore")
     log_path = state / "build.log"
+    log_path.unlink(missing_ok=True)
     env = dict(os.environ, PWD=str(src), LC_ALL="C")
     ko = src / f"{MODULE}.ko"
     ko.unlink(missing_ok=True)
     log.info("building %s: %s", src, " ".join(cmd))
     started = time.monotonic()
     lines: list[str] = []
-    with open(log_path, "w") as out:
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    with open(log_fd, "w") as out:
         out.write("$ " + " ".join(cmd) + "\n")
         try:
             proc = subprocess.Popen(cmd, cwd=src, env=env, stdout=subprocess.PIPE,
@@ -276,6 +274,22 @@ class InstallResult:
     depmod: list[str]
 
 
+def _read_module(ko: Path) -> bytes:
+    """The bytes of a built module; never through a symlink (the tree may be another user's)."""
+    try:
+        fd = os.open(ko, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        why = "it is a symlink" if exc.errno == errno.ELOOP else exc.strerror
+        raise UsageError(f"cannot read {ko}: {why}", fix="rebuild: gtp5g-op build module --src DIR") from None
+    with open(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+            raise UsageError(f"{ko} is not a regular file", fix="rebuild: gtp5g-op build module --src DIR")
+        data = fh.read()
+    if not data.startswith(b"\x7fELF"):
+        raise UsageError(f"{ko} is not a kernel module (no ELF header)", fix="rebuild: gtp5g-op build module --src DIR")
+    return data
+
+
 def install(ko: Path, kver: str | None = None, root: Path = Path("/")) -> InstallResult:
     """Copy gtp5g.ko to ROOT/lib/modules/KVER/kernel/drivers/net/ (atomically) and run depmod."""
     ko = Path(ko)
@@ -284,15 +298,14 @@ def install(ko: Path, kver: str | None = None, root: Path = Path("/")) -> Instal
     depmod = shutil.which("depmod")
     if depmod is None:
         raise EnvironmentProblem("depmod not found; nothing was installed", fix="apt-get install kmod")
+    data = _read_module(ko)
     kver = kver or kernel_release()
     moddir = Path(root) / "lib" / "modules" / kver
     target_dir = moddir / INSTALL_SUBDIR
     try:
         target_dir.mkdir(parents=True, exist_ok=True)
         target = target_dir / ko.name
-        tmp = target_dir / f".{ko.name}.gtp5g-op.tmp"
-        shutil.copyfile(ko, tmp)
-        os.replace(tmp, target)
+        os.replace(write_new_temp(target, data, mode=0o644), target)
     except OSError as exc:
         raise EnvironmentProblem(f"cannot install to {target_dir}: {exc}", fix="run as root") from exc
     cmd = [depmod, "-a", kver] if Path(root) == Path("/") else [depmod, "-a", "-b", str(root), kver]

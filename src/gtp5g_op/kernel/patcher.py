@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import stat
 import subprocess
@@ -619,16 +620,36 @@ def read_manifest(root: Path) -> dict:
         raise OpError(f"{path} is unreadable: {exc}", fix=f"inspect or remove {path}") from exc
 
 
-def _write_atomic(path: Path, data: bytes, mode_from: Path | None = None) -> Path:
-    """Write ``data`` to a temp file next to ``path``; return the temp path (rename is the caller's)."""
-    tmp = path.with_name(f".{path.name}.gtp5g-op.tmp")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    if mode_from is not None and mode_from.exists():
-        shutil.copymode(mode_from, tmp)
+def write_new_temp(path: Path, data: bytes, mode_from: Path | None = None, mode: int = 0o600) -> Path:
+    """Write ``data`` to a new temp file next to ``path``; return the temp path (rename is the caller's).
+
+    The tree may belong to another user than the one patching it (root): the temp file gets a random
+    name and is created with O_EXCL|O_NOFOLLOW, so a symlink planted there is never written through.
+    Its mode is ``mode_from``'s when that file exists, else ``mode``. On any error nothing is left.
+    """
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.gtp5g-op.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        with open(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+            if mode_from is not None and mode_from.exists():
+                mode = stat.S_IMODE(mode_from.stat().st_mode)
+            os.fchmod(fh.fileno(), mode)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return tmp
+
+
+def real_dir(path: Path) -> Path:
+    """Create directory ``path`` if missing; refuse a symlink (or anything else) planted in its place."""
+    path.mkdir(exist_ok=True)
+    if path.is_symlink() or not path.is_dir():
+        raise UsageError(f"{path} is a symlink or not a directory; gtp5g-op keeps its state there",
+                         f"remove {path} (gtp5g-op recreates it)")
+    return path
 
 
 def write_files_atomically(root: Path, contents: dict[str, bytes], previous: dict[str, bytes]) -> None:
@@ -640,14 +661,14 @@ def write_files_atomically(root: Path, contents: dict[str, bytes], previous: dic
     renamed: list[str] = []
     try:
         for rel, data in contents.items():
-            temps[rel] = _write_atomic(root / rel, data, mode_from=root / rel)
+            temps[rel] = write_new_temp(root / rel, data, mode_from=root / rel)
         for rel, tmp in temps.items():
             os.replace(tmp, root / rel)
             renamed.append(rel)
     except BaseException:
         for rel in reversed(renamed):
             try:
-                os.replace(_write_atomic(root / rel, previous[rel], mode_from=root / rel), root / rel)
+                os.replace(write_new_temp(root / rel, previous[rel], mode_from=root / rel), root / rel)
             except OSError:  # pragma: no cover - the disk failed twice; say which file is off
                 log.error("could not restore %s; its original is in %s", rel, _state_dir(root))
         for tmp in temps.values():
@@ -656,15 +677,16 @@ def write_files_atomically(root: Path, contents: dict[str, bytes], previous: dic
 
 
 def _save_state(root: Path, manifest: dict, originals: dict[str, bytes]) -> None:
-    state = _state_dir(root)
-    state.mkdir(exist_ok=True)
-    (state / ".gitignore").write_text("*\n")
+    state = real_dir(_state_dir(root))
+    os.replace(write_new_temp(state / ".gitignore", b"*\n"), state / ".gitignore")
     for rel, data in originals.items():
         target = state / ORIGINALS / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(_write_atomic(target, data), target)
+        parent = state
+        for part in (ORIGINALS, *Path(rel).parent.parts):
+            parent = real_dir(parent / part)
+        os.replace(write_new_temp(target, data), target)
     manifest_path = state / MANIFEST
-    os.replace(_write_atomic(manifest_path, json.dumps(manifest, indent=2).encode()), manifest_path)
+    os.replace(write_new_temp(manifest_path, json.dumps(manifest, indent=2).encode()), manifest_path)
 
 
 # ---------------------------------------------------------------- the operations
@@ -734,7 +756,7 @@ def _restore_state(root: Path, old_manifest: dict, added: dict[str, bytes]) -> N
         (state / ORIGINALS / rel).unlink(missing_ok=True)
     if old_manifest.get("files"):
         path = state / MANIFEST
-        os.replace(_write_atomic(path, json.dumps(old_manifest, indent=2).encode()), path)
+        os.replace(write_new_temp(path, json.dumps(old_manifest, indent=2).encode()), path)
     else:
         shutil.rmtree(state, ignore_errors=True)
 

@@ -55,7 +55,7 @@ def is_stale(out_dir: Path | None = None) -> bool:
     src = source_dir()
     newest = max(p.stat().st_mtime for p in src.iterdir() if p.suffix in (".c", ".h"))
     objs = object_paths(out_dir).values()
-    return any(not o.is_file() or o.stat().st_mtime < newest for o in objs)
+    return any(not os.path.isfile(o) or o.stat().st_mtime < newest for o in objs)  # isfile: EACCES is "no"
 
 
 def _tool(name: str, fix: str) -> str:
@@ -157,7 +157,9 @@ def build_tracer(out_dir: str | os.PathLike | None = None, kernel_btf: str | os.
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise UsageError(f"cannot create {out}: {exc.strerror}", fix="pass a writable --out directory") from exc
+        raise UsageError(f"cannot create {out}: {exc.strerror}",
+                         fix="pass a writable directory (--out for build tracer, --build-dir for tracer run "
+                             "and selftest)") from exc
     if kernel_btf.is_file():  # a missing one is the kernel's problem, said by write_vmlinux_h
         check_btf_file(kernel_btf, "the kernel's BTF", "--kernel-btf")
     if module_btf is not None:

@@ -11,6 +11,7 @@ string table (kernel Documentation/bpf/btf.rst), and only FUNC names and linkage
 from __future__ import annotations
 
 import logging
+import os
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -227,7 +228,7 @@ def verify_ko(ko: Path, names: Sequence[str] | None = None, symvers: Path | None
     required = names is not None
     names = list(names or default_functions())
     ko = Path(ko)
-    fix = (f"give the module file in it: gtp5g-op verify {ko / 'gtp5g.ko'}" if ko.is_dir()
+    fix = (f"give the module file in it: gtp5g-op verify {ko / 'gtp5g.ko'}" if os.path.isdir(ko)
            else "build it first: gtp5g-op build module --src DIR")
     userfiles.check(ko, "module", fix=fix)
     global_funcs: set[str] = set()

@@ -264,6 +264,9 @@ class MetricsServer:
                           max_request_header_size=MAX_REQUEST_HEADER, max_request_body_size=1024,
                           asyncore_use_poll=True, asyncore_loop_timeout=1, ident="gtp5g-op")
         self._map: dict = {}
+        # waitress warns "Task queue depth is N" whenever a request waits for a thread: any client that
+        # pipelines requests (every local user, on loopback) could flood the watch's log with it.
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
         self._dispatcher = ThreadedTaskDispatcher()
         self._dispatcher.set_thread_count(HTTP_THREADS)
         try:

@@ -3,7 +3,8 @@
 Root writing into a directory someone else controls is how symlink attacks work, so every access goes
 through :class:`StateDir`, which
 
-* resolves the directory once and walks it from ``/`` component by component with ``O_NOFOLLOW``
+* resolves the directory once, following only symlinks root (or the effective user) owns, and walks it
+  from ``/`` component by component with ``O_NOFOLLOW``
   (``openat``-style: each step is opened relative to the verified step before it), creating missing
   components with mode 0700;
 * accepts every directory above it only if owned by root (or the effective user) and not writable by
@@ -106,12 +107,44 @@ class StateDir:
             raise self._fail(f"writable by group or others (mode {_mode(st)})",
                              fix=f"chmod go-w {self.path}; or {FIX}")
 
+    def _resolve(self, path: Path) -> Path:
+        """``path`` with its symlinks resolved, like ``os.path.realpath``, following only symlinks owned
+        by root or the effective user: one another user planted (``/tmp/x -> /etc``) would let them
+        choose where root writes. Missing components are kept as written (the walk creates them)."""
+        todo, done, hops = list(path.parts[1:]), Path("/"), 0
+        while todo:
+            part = todo.pop(0)
+            if part in ("", "."):
+                continue
+            if part == "..":
+                done = done.parent
+                continue
+            step = done / part
+            try:
+                st = os.lstat(step)
+            except FileNotFoundError:
+                return Path(os.path.normpath(step.joinpath(*todo)))
+            if not stat.S_ISLNK(st.st_mode):
+                done = step
+                continue
+            if st.st_uid not in (0, self.euid):
+                raise self._fail(f"{step} is a symlink owned by uid {st.st_uid}, who chose where it points",
+                                 fix=f"give the directory's real path; or {FIX}")
+            hops += 1
+            if hops > 40:
+                raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(path))
+            target = Path(os.readlink(step))
+            todo = [*target.parts[1:], *todo] if target.is_absolute() else [*target.parts, *todo]
+            if target.is_absolute():
+                done = Path("/")
+        return done
+
     def _open_dir(self) -> int:
         """Walk to the directory from ``/`` without following symlinks; create what is missing (0700)."""
         try:
-            # Symlinks above the directory (/var/run -> /run) are resolved once here; the walk below
-            # then refuses any symlink, so a component swapped after this point is caught.
-            parent = Path(os.path.realpath(self.path.absolute().parent))
+            # Symlinks above the directory (/var/run -> /run) are resolved once here, only those root (or
+            # we) made; the walk below then refuses any symlink, so a component swapped later is caught.
+            parent = self._resolve(self.path.absolute().parent)
         except OSError as exc:
             raise self._fail("cannot resolve its path", exc) from None
         parts = [*parent.parts[1:], self.path.name]

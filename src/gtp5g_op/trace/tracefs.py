@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 TRACEFS_PATHS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 DEFAULT_INSTANCE = "gtp5g-op"
+MAX_BUFFER_KB = 1 << 20  # 1 GiB per CPU: more is a typo, and the kernel would take it from the host
 PRINTK_EVENT = Path("events/bpf_trace/bpf_trace_printk/enable")
 ROOT_FIX = "run as root or grant CAP_SYS_ADMIN (tracefs is root-only by default)"
 MOUNT_FIX = "mount it: mount -t tracefs nodev /sys/kernel/tracing"
@@ -157,8 +158,9 @@ class TraceInstance:
                  record_tgid: bool = False, clock: str | None = "boot",
                  tracefs: Path | None = None, state_dir: Path | StateDir | None = None):
         _check_name(name)
-        if buffer_kb is not None and buffer_kb <= 0:
-            raise UsageError(f"--buffer-kb must be positive, not {buffer_kb}", "pass e.g. --buffer-kb 8192")
+        if buffer_kb is not None and not 0 < buffer_kb <= MAX_BUFFER_KB:
+            raise UsageError(f"--buffer-kb must be from 1 to {MAX_BUFFER_KB} (KiB per CPU), not {buffer_kb}",
+                             "pass e.g. --buffer-kb 8192")
         self.name = name
         self.buffer_kb = buffer_kb
         self.record_tgid = record_tgid
@@ -209,21 +211,26 @@ class TraceInstance:
         except FileNotFoundError:
             raise EnvironmentProblem(f"{path.parent} is missing: this tracefs has no instances",
                                      "use a kernel with tracefs instances (Linux 3.10+)")
+        setting = ""
         try:
             if self.buffer_kb is not None:
+                setting = f"buffer_size_kb {self.buffer_kb}"
                 (path / "buffer_size_kb").write_text(f"{self.buffer_kb}\n")
             if self.clock:
+                setting = f"trace_clock {self.clock}"
                 (path / "trace_clock").write_text(f"{self.clock}\n")
             if self.record_tgid:
+                setting = "options/record-tgid 1"
                 (path / "options/record-tgid").write_text("1\n")
             event = path / PRINTK_EVENT
             if not event.exists():
                 raise EnvironmentProblem("this kernel has no bpf_trace/bpf_trace_printk event",
                                          "use a kernel built with CONFIG_BPF_EVENTS")
+            setting = f"{PRINTK_EVENT} 1"
             event.write_text("1\n")
         except OSError as exc:
             _rmdir_instance(path)
-            raise EnvironmentProblem(f"cannot set up tracefs instance {path}: {exc.strerror} ({exc.filename})",
+            raise EnvironmentProblem(f"cannot set up tracefs instance {path}: writing {setting}: {exc.strerror}",
                                      "check --buffer-kb; the kernel log (dmesg) may say more")
         except BaseException:
             _rmdir_instance(path)

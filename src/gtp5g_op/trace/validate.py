@@ -7,8 +7,10 @@ start means the pid was reused), and its executable is one a target may run:
 * named like a target (its file name matches the target pattern), or, when an allow-list is given,
   matching one of its absolute path patterns: renaming a process is not enough;
 * owned by root and not group/other-writable, in directories that are all root's and not
-  group/other-writable (sticky ones such as /tmp aside): a binary an unprivileged user could have
-  planted is not enough either (``allow_user_writable_exe`` turns this off);
+  group/other-writable (sticky ones such as /tmp aside, except the executable's own directory: a sticky
+  bit stops others removing entries, not adding hard links), run by a process in the host's user
+  namespace (in one of its own, a user can bind-mount any program over an installed path): a binary an
+  unprivileged user could have planted is not enough either (``allow_user_writable_exe`` turns this off);
 * optionally run by an allowed (real) uid.
 
 The executable is read from ``/proc/<pid>/exe`` (the inode that runs, even if renamed or deleted) and its
@@ -144,8 +146,29 @@ class _Identity(NamedTuple):
     untrusted: str  # why a non-root user could have planted it; "" if they could not (or not checked)
 
 
+# PROC_USER_INIT_INO (include/linux/proc_ns.h): the inode of the host's (initial) user namespace.
+INIT_USER_NS_INO = 0xEFFFFFFD
+
+
+def _foreign_user_ns(pid: int) -> bool:
+    """True when ``pid`` runs in a user namespace other than the host's (or it cannot be told).
+
+    There any user is root over its own mount namespace: it can bind-mount a program of its choice over
+    an installed, root-owned path, which /proc/<pid>/exe and /proc/<pid>/root then show as that path.
+    """
+    try:
+        return os.stat(f"/proc/{pid}/ns/user").st_ino != INIT_USER_NS_INO
+    except FileNotFoundError:
+        return not os.path.exists("/proc/self/ns/user")  # no user namespaces at all: nothing foreign
+    except OSError:
+        return True
+
+
 def _untrusted(pid: int, exe: str, exe_st: os.stat_result) -> str:
     """Why the running executable or a directory above it is not root's alone; "" when it is."""
+    if _foreign_user_ns(pid):
+        return ("it runs in a user namespace of its own, where any user can mount another program over "
+                f"{exe}")
     if exe_st.st_uid != 0:
         return f"executable {exe} is owned by uid {exe_st.st_uid}, not root"
     if exe_st.st_mode & 0o022:
@@ -158,6 +181,7 @@ def _untrusted(pid: int, exe: str, exe_st: os.stat_result) -> str:
             now = None
         if now is None or (now.st_dev, now.st_ino) != (exe_st.st_dev, exe_st.st_ino):
             return f"{exe} no longer names the file the process runs"
+    exe_dir = PurePosixPath(exe).parent
     for parent in PurePosixPath(exe).parents:
         try:
             st = os.lstat(root + "/" if str(parent) == "/" else root + str(parent))
@@ -167,7 +191,9 @@ def _untrusted(pid: int, exe: str, exe_st: os.stat_result) -> str:
             return f"{parent} is no longer a directory"
         if st.st_uid != 0:
             return f"directory {parent} is owned by uid {st.st_uid}, not root"
-        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+        # Sticky (/tmp) keeps others from renaming or removing what is there, not from adding a hard link
+        # to a root-owned program under a target's name (fs.protected_hardlinks=0): only higher up is it safe.
+        if st.st_mode & 0o022 and (not st.st_mode & stat.S_ISVTX or parent == exe_dir):
             return f"directory {parent} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
     return ""
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
 from gtp5g_op import userfiles
-from gtp5g_op.config import finite_number
+from gtp5g_op.config import MIN_INTERVAL, finite_number
 from gtp5g_op.errors import EXIT_API, EXIT_FAIL, EXIT_OK, EnvironmentProblem, UsageError
 from gtp5g_op.trace.parser import DEFAULT_MATCH, Stats, TraceParser
 from gtp5g_op.trace.pipeline import REJECTED_SUBJECTS_MAX, Pipeline
@@ -402,10 +402,10 @@ def check_options(opts: WatchOptions) -> None:
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
     if opts.speed is not None and opts.replay is None:
         raise UsageError("--speed paces a replay, and there is none", "add --replay FILE, or drop --speed")
-    for what, value, maximum in (("--speed", opts.speed, 1e6), ("--duration", opts.duration, 1e9),
-                                 ("--interval", opts.interval, 86400.0)):
+    for what, value, minimum, maximum in (("--speed", opts.speed, 0.0, 1e6), ("--duration", opts.duration, 0.0, 1e9),
+                                          ("--interval", opts.interval, MIN_INTERVAL, 86400.0)):
         if value is not None:
-            finite_number(value, what, 0.0, maximum)
+            finite_number(value, what, minimum, maximum, min_open=minimum == 0.0)
 
 
 def _push_status(pusher: Any, ok: bool) -> dict:
