@@ -276,12 +276,16 @@ class TraceParser:
         return list(named.values())
 
     def _name_of(self, pid: int, now: float) -> str | None:
-        """``resolve_comm(pid)``, asked at most once per NAME_TTL per pid."""
+        """``resolve_comm(pid)``, asked at most once per NAME_TTL per pid. A pid that is gone by now keeps
+        the name it last had: its last lines, read after it exited, still count for it."""
         asked = self._names.get(pid)
         if asked is None or now - asked[0] > NAME_TTL:
             if len(self._names) >= _COMM_CACHE_MAX:
                 self._names.clear()
-            asked = self._names[pid] = (now, self._resolve(pid))  # type: ignore[misc]
+            name = self._resolve(pid)  # type: ignore[misc]
+            if name is None and asked is not None:
+                name = asked[1]
+            asked = self._names[pid] = (now, name)
         return asked[1]
 
     def feed(self, data: bytes) -> list[SubjectUpdate]:
