@@ -8,13 +8,22 @@ validation on. For each rate the script reports the lines the watch read, the li
 markers + the instance's overrun counters), and the watch's CPU share while the load runs (its
 utime+stime from /proc over the load's wall time; start-up excluded) and over its whole life.
 
-Each rate runs three times in the same run: the batched reader (the default, `--read-batch` 0.1 s),
-the baseline, the unbatched reader (`--read-batch 0`, one hand-off per page read), and `dd` draining
-the same kind of pipe: nearly all of dd's CPU is the kernel formatting every line inside read(2), a
-cost every trace_pipe reader pays. A run whose watch read more lines than the load made had another
-probe on getppid attached meanwhile (bpf_printk lines reach every instance): its figures are high.
+Each rate runs every reader of ``--readers`` back to back in the same run:
+
+- ``raw``: the watch reading the instance's binary ring buffers (``--read-mode raw``, the default where
+  it works), batched every 0.1 s;
+- ``text``: the watch reading the instance's text trace_pipe (``--read-mode text``), batched the same
+  way: the baseline;
+- ``text-unbatched``: the text reader handing on every page read (``--read-batch 0``), the reader
+  before batching;
+- ``dd``: `dd` draining the same kind of text pipe: nearly all of its CPU is the kernel formatting every
+  line inside read(2), a cost every trace_pipe reader pays and the raw reader does not.
+
+A run whose watch read more lines than the load made had another probe on getppid attached meanwhile
+(bpf_printk lines reach every instance): its figures are high.
 
 Needs root, clang and bpftool. usage: sudo scripts/bench_live.py [--rates 10000,50000,...] [--seconds 6]
+[--readers raw,text,text-unbatched,dd]
 """
 
 from __future__ import annotations
@@ -49,12 +58,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float) -> dict:
+READERS = {"raw": ("raw", 0.1), "text": ("text", 0.1), "text-unbatched": ("text", 0.0)}
+
+
+def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, reader: str) -> dict:
     """One watch + one load at ``lines_per_s``; what the watch saw and what it cost."""
+    mode, read_batch = READERS[reader]
     instance = f"gtp5g-op-bench-{os.getpid()}"
     comm = f"bench{os.getpid()}"[:15]  # a name of its own: others' probes and loads share the kernel's lines
     cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--json", "--instance", instance, "--match", f"^{comm}$",
            "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2), "--read-batch", str(read_batch),
+           "--read-mode", mode,
            "--exe-allow", os.path.realpath(sys.executable)]  # the load is this interpreter, renamed
     with tempfile.TemporaryFile() as out:
         watch = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
@@ -79,8 +93,10 @@ def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float
     st = report["stats"]
     cpu = usage.ru_utime + usage.ru_stime
     mine = st["matched"]  # the load exits before the report, so its record is gone; the count stays
+    if report.get("reader", {}).get("mode") != mode:
+        sys.exit(f"bench: the watch read in {report.get('reader')} mode, not {mode}")
     return {
-        "reader": "batched" if read_batch else "baseline",
+        "reader": reader,
         "read_batch_s": read_batch,
         "target_lines_per_s": lines_per_s,
         "lines_generated": 2 * calls,
@@ -121,10 +137,8 @@ def main() -> None:
     ap.add_argument("--rates", default="10000,25000,50000,100000,200000,400000")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--buffer-kb", type=int, default=8192)
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="Skip the unbatched reader's runs.")
-    ap.add_argument("--no-dd", dest="floor", action="store_false",
-                    help="Skip the runs of dd draining the pipe (mostly the kernel's cost).")
+    ap.add_argument("--readers", default="raw,text,dd",
+                    help="Comma-separated: raw, text, text-unbatched, dd (see above).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -133,27 +147,31 @@ def main() -> None:
     from gtp5g_op.kernel.tracer_build import ensure_built
 
     results = []
-    batches = [0.1] + ([0.0] if args.baseline else [])
+    readers = args.readers.split(",")
+    unknown = set(readers) - set(READERS) - {"dd"}
+    if unknown:
+        sys.exit(f"bench: unknown reader(s) {', '.join(sorted(unknown))}; fix: pick from raw, text, text-unbatched, dd")
     with BpfObject(ensure_built()["selftest"]) as probe:
         if not probe.attached:
             sys.exit(f"bench: the selftest probe did not attach: {[r.error for r in probe.report]}")
         for rate in (int(r) for r in args.rates.split(",")):
-            for batch in batches:
-                results.append(run_rate(rate, args.seconds, args.buffer_kb, batch))
+            for reader in readers:
+                if reader == "dd":
+                    results.append(run_floor(rate, args.seconds, args.buffer_kb))
+                    if not args.json:
+                        r = results[-1]
+                        print(f"{r['reader']:>14} {rate:>7} lines/s: lost {r['lost']:>6}, dd CPU "
+                              f"{r['watch_cpu_share_steady']:.1%} while loaded", flush=True)
+                    continue
+                results.append(run_rate(rate, args.seconds, args.buffer_kb, reader))
                 if not args.json:
                     r = results[-1]
-                    print(f"{r['reader']:>10} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
+                    print(f"{r['reader']:>14} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
                           f"({r['achieved_lines_per_s']:>7}/s), lost {r['lost']:>6}, watch CPU "
                           f"{r['watch_cpu_share_steady']:.1%} while loaded ({r['watch_cpu_share_total']:.1%} "
                           "over its life)", flush=True)
-            if args.floor:
-                results.append(run_floor(rate, args.seconds, args.buffer_kb))
-                if not args.json:
-                    r = results[-1]
-                    print(f"{r['reader']:>10} {rate:>7} lines/s: lost {r['lost']:>6}, dd CPU "
-                          f"{r['watch_cpu_share_steady']:.1%} while loaded", flush=True)
     summary: dict = {"runs": results}
-    for reader in ("batched", "baseline"):
+    for reader in READERS:
         clean = [r for r in results if r["reader"] == reader and r["lost"] == 0
                  and r["lines_read"] >= r["lines_generated"]]
         if any(r["reader"] == reader for r in results):
