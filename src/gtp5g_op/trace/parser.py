@@ -266,12 +266,17 @@ class TraceParser:
             return updates
         named: dict[tuple[int, str], SubjectUpdate] = {}
         now = time.monotonic()
-        for upd in updates:
+        # Named subjects first, and their tgid stands: the C scan does not keep the order of subjects, so
+        # "the last line's tgid" cannot decide between a named and a renamed part of one subject.
+        for upd in sorted(updates, key=lambda u: u.comm == UNKNOWN_COMM):
             if upd.comm == UNKNOWN_COMM:
                 upd.comm = self._name_of(upd.pid, now) or UNKNOWN_COMM
                 if not self.matches(upd.comm):
                     self.stats.matched -= upd.count
                     continue
+                have = named.get((upd.pid, upd.comm))
+                if have is not None and have.tgid is not None:
+                    upd.tgid = None
             _merge(named, [upd])
         return list(named.values())
 
