@@ -132,6 +132,54 @@ def run_floor(lines_per_s: int, seconds: float, buffer_kb: int) -> dict:
             "watch_cpu_share_steady": round((cpu1 - cpu0) / (t1 - t0), 3)}
 
 
+def run_latency(runs: int) -> dict:
+    """Seconds from a getppid() call to its line leaving the reader (the first line of a batch after an
+    idle spell), for the raw reader and the batched text reader, ``runs`` times each, idle gaps between."""
+    import random
+    import threading
+
+    from gtp5g_op.trace import rawbuf, tracefs
+
+    tid = threading.get_native_id()
+    out: dict = {}
+    for reader in ("raw", "text"):
+        with tracefs.TraceInstance(f"gtp5g-op-bench-lat-{os.getpid()}", state_dir=Path(tempfile.mkdtemp())) as inst:
+            (inst.path / "events/bpf_trace/bpf_trace_printk/filter").write_text(f"common_pid == {tid}\n")
+            stop = threading.Event()
+            if reader == "raw":
+                inst.wake_on_any_data()
+                chunks = rawbuf.RawReader(inst.path, stop, batch_seconds=0.1)
+            else:
+                chunks = tracefs.tail(inst.pipe, stop, batch_seconds=0.1)
+            arrived: list[float] = []
+            got = threading.Event()
+
+            def read() -> None:
+                for chunk in chunks:
+                    if f"PID={tid},".encode() in chunk:
+                        arrived.append(time.monotonic())
+                        got.set()
+
+            thread = threading.Thread(target=read, daemon=True)
+            thread.start()
+            delays = []
+            for _ in range(runs):
+                time.sleep(random.uniform(0.3, 0.8))  # idle: the reader is asleep in poll
+                got.clear()
+                t0 = time.monotonic()
+                os.getppid()
+                if got.wait(5):
+                    delays.append(arrived[-1] - t0)
+            stop.set()
+            thread.join(2)
+            if hasattr(chunks, "close"):
+                chunks.close()
+        delays.sort()
+        out[reader] = {"runs": len(delays), "p50_s": round(delays[len(delays) // 2], 4),
+                       "max_s": round(delays[-1], 4)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="10000,25000,50000,100000,200000,400000")
@@ -139,6 +187,8 @@ def main() -> None:
     ap.add_argument("--buffer-kb", type=int, default=8192)
     ap.add_argument("--readers", default="raw,text,dd",
                     help="Comma-separated: raw, text, text-unbatched, dd (see above).")
+    ap.add_argument("--latency-runs", type=int, default=20,
+                    help="Also time a call -> its line leaving the reader this many times per reader (0: skip).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -170,7 +220,14 @@ def main() -> None:
                           f"({r['achieved_lines_per_s']:>7}/s), lost {r['lost']:>6}, watch CPU "
                           f"{r['watch_cpu_share_steady']:.1%} while loaded ({r['watch_cpu_share_total']:.1%} "
                           "over its life)", flush=True)
+        latency = run_latency(args.latency_runs) if args.latency_runs > 0 else None
     summary: dict = {"runs": results}
+    if latency:
+        summary["latency"] = latency
+        if not args.json:
+            for reader, lat in latency.items():
+                print(f"{reader:>14} first line after idle -> out of the reader: p50 {lat['p50_s'] * 1000:.0f} ms, "
+                      f"max {lat['max_s'] * 1000:.0f} ms over {lat['runs']} runs", flush=True)
     for reader in READERS:
         clean = [r for r in results if r["reader"] == reader and r["lost"] == 0
                  and r["lines_read"] >= r["lines_generated"]]
@@ -180,7 +237,7 @@ def main() -> None:
         print(json.dumps(summary, indent=1))
     else:
         for key, value in summary.items():
-            if key != "runs":
+            if key.startswith("max_lines"):
                 print(f"{key.replace('_', ' ')}: {value} lines/s")
 
 
