@@ -109,26 +109,27 @@ def _register(sock: socket.socket | None) -> None:
         call.add(sock)
 
 
-class _WatchedHTTPConnection(HTTPConnection):
-    """Registers its socket with the call in flight, when it connects and when it is reused."""
+class _Watched:
+    """Mixed into a urllib3 connection: registers its socket with the call in flight, when it connects and
+    when it is reused."""
+
+    sock: Any
 
     def connect(self) -> None:
-        super().connect()
+        super().connect()  # type: ignore[misc]
         _register(self.sock)
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         _register(self.sock)
-        super().request(*args, **kwargs)
+        super().request(*args, **kwargs)  # type: ignore[misc]
 
 
-class _WatchedHTTPSConnection(HTTPSConnection):
-    def connect(self) -> None:
-        super().connect()
-        _register(self.sock)
+class _WatchedHTTPConnection(_Watched, HTTPConnection):
+    pass
 
-    def request(self, *args: Any, **kwargs: Any) -> None:
-        _register(self.sock)
-        super().request(*args, **kwargs)
+
+class _WatchedHTTPSConnection(_Watched, HTTPSConnection):
+    pass
 
 
 class _WatchedPool(HTTPConnectionPool):
