@@ -61,7 +61,8 @@ print fmt: "%s", __get_str(bpf_string)
 def decode(page: bytes | Page, fmt: RawFormat = FORMAT, cpu: int = 1, decoder=decode_py):
     data = bytes(page) if isinstance(page, Page) else page
     text, counts = decoder(data, fmt.params(), cpu)
-    return text.decode("utf-8", "surrogateescape").splitlines(), dict(zip(("pages", "events", "lost", "lost_unknown", "other", "bad"), counts))
+    names = ("pages", "events", "lost", "lost_unknown", "other", "bad")
+    return text.decode("utf-8", "surrogateescape").splitlines(), dict(zip(names, counts))
 
 
 # --- the format files --------------------------------------------------------------------------------
