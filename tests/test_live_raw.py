@@ -190,6 +190,14 @@ def test_auto_reads_raw_and_falls_back_to_text_with_one_line(tmp_path, monkeypat
     assert run_in_process(tmp_path, validate=False)["reader"]["mode"] == "text"  # nothing could name the tasks
     assert run_in_process(tmp_path, read_mode="text")["reader"]["mode"] == "text"
 
+    assert run_in_process(tmp_path, accelerate=False)["reader"]["mode"] == "raw"  # the Python decoder, asked for
+    monkeypatch.setattr(rawbuf, "best_decoder", lambda accelerate=True: (rawbuf.decode_py, False))
+    with caplog.at_level(logging.INFO, logger="gtp5g_op.trace.watch"):
+        assert run_in_process(tmp_path)["reader"]["mode"] == "text"  # C not built: text is cheaper
+    assert "the C ring-buffer decoder is not built" in caplog.text
+    caplog.clear()
+    monkeypatch.undo()
+
     def unknown(_path):
         raise rawbuf.RawUnavailable("events/header_event describes an event header this reader does not know")
 
