@@ -8,13 +8,22 @@ validation on. For each rate the script reports the lines the watch read, the li
 markers + the instance's overrun counters), and the watch's CPU share while the load runs (its
 utime+stime from /proc over the load's wall time; start-up excluded) and over its whole life.
 
-Each rate runs three times in the same run: the batched reader (the default, `--read-batch` 0.1 s),
-the baseline, the unbatched reader (`--read-batch 0`, one hand-off per page read), and `dd` draining
-the same kind of pipe: nearly all of dd's CPU is the kernel formatting every line inside read(2), a
-cost every trace_pipe reader pays. A run whose watch read more lines than the load made had another
-probe on getppid attached meanwhile (bpf_printk lines reach every instance): its figures are high.
+Each rate runs every reader of ``--readers`` back to back in the same run:
+
+- ``raw``: the watch reading the instance's binary ring buffers (``--read-mode raw``, the default where
+  it works), batched every 0.1 s;
+- ``text``: the watch reading the instance's text trace_pipe (``--read-mode text``), batched the same
+  way: the baseline;
+- ``text-unbatched``: the text reader handing on every page read (``--read-batch 0``), the reader
+  before batching;
+- ``dd``: `dd` draining the same kind of text pipe: nearly all of its CPU is the kernel formatting every
+  line inside read(2), a cost every trace_pipe reader pays and the raw reader does not.
+
+A run whose watch read more lines than the load made had another probe on getppid attached meanwhile
+(bpf_printk lines reach every instance): its figures are high.
 
 Needs root, clang and bpftool. usage: sudo scripts/bench_live.py [--rates 10000,50000,...] [--seconds 6]
+[--readers raw,text,text-unbatched,dd]
 """
 
 from __future__ import annotations
@@ -49,12 +58,17 @@ def _cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float) -> dict:
+READERS = {"raw": ("raw", 0.1), "text": ("text", 0.1), "text-unbatched": ("text", 0.0)}
+
+
+def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, reader: str) -> dict:
     """One watch + one load at ``lines_per_s``; what the watch saw and what it cost."""
+    mode, read_batch = READERS[reader]
     instance = f"gtp5g-op-bench-{os.getpid()}"
     comm = f"bench{os.getpid()}"[:15]  # a name of its own: others' probes and loads share the kernel's lines
     cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--json", "--instance", instance, "--match", f"^{comm}$",
            "--buffer-kb", str(buffer_kb), "--duration", str(seconds + 2), "--read-batch", str(read_batch),
+           "--read-mode", mode,
            "--exe-allow", os.path.realpath(sys.executable)]  # the load is this interpreter, renamed
     with tempfile.TemporaryFile() as out:
         watch = subprocess.Popen(cmd, stdout=out, stderr=subprocess.PIPE)
@@ -79,8 +93,10 @@ def run_rate(lines_per_s: int, seconds: float, buffer_kb: int, read_batch: float
     st = report["stats"]
     cpu = usage.ru_utime + usage.ru_stime
     mine = st["matched"]  # the load exits before the report, so its record is gone; the count stays
+    if report.get("reader", {}).get("mode") != mode:
+        sys.exit(f"bench: the watch read in {report.get('reader')} mode, not {mode}")
     return {
-        "reader": "batched" if read_batch else "baseline",
+        "reader": reader,
         "read_batch_s": read_batch,
         "target_lines_per_s": lines_per_s,
         "lines_generated": 2 * calls,
@@ -116,15 +132,63 @@ def run_floor(lines_per_s: int, seconds: float, buffer_kb: int) -> dict:
             "watch_cpu_share_steady": round((cpu1 - cpu0) / (t1 - t0), 3)}
 
 
+def run_latency(runs: int) -> dict:
+    """Seconds from a getppid() call to its line leaving the reader (the first line of a batch after an
+    idle spell), for the raw reader and the batched text reader, ``runs`` times each, idle gaps between."""
+    import random
+    import threading
+
+    from gtp5g_op.trace import rawbuf, tracefs
+
+    tid = threading.get_native_id()
+    out: dict = {}
+    for reader in ("raw", "text"):
+        with tracefs.TraceInstance(f"gtp5g-op-bench-lat-{os.getpid()}", state_dir=Path(tempfile.mkdtemp())) as inst:
+            (inst.path / "events/bpf_trace/bpf_trace_printk/filter").write_text(f"common_pid == {tid}\n")
+            stop = threading.Event()
+            if reader == "raw":
+                inst.wake_on_any_data()
+                chunks = rawbuf.RawReader(inst.path, stop, batch_seconds=0.1)
+            else:
+                chunks = tracefs.tail(inst.pipe, stop, batch_seconds=0.1)
+            arrived: list[float] = []
+            got = threading.Event()
+
+            def read() -> None:
+                for chunk in chunks:
+                    if f"PID={tid},".encode() in chunk:
+                        arrived.append(time.monotonic())
+                        got.set()
+
+            thread = threading.Thread(target=read, daemon=True)
+            thread.start()
+            delays = []
+            for _ in range(runs):
+                time.sleep(random.uniform(0.3, 0.8))  # idle: the reader is asleep in poll
+                got.clear()
+                t0 = time.monotonic()
+                os.getppid()
+                if got.wait(5):
+                    delays.append(arrived[-1] - t0)
+            stop.set()
+            thread.join(2)
+            if hasattr(chunks, "close"):
+                chunks.close()
+        delays.sort()
+        out[reader] = {"runs": len(delays), "p50_s": round(delays[len(delays) // 2], 4),
+                       "max_s": round(delays[-1], 4)}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rates", default="10000,25000,50000,100000,200000,400000")
     ap.add_argument("--seconds", type=float, default=6.0)
     ap.add_argument("--buffer-kb", type=int, default=8192)
-    ap.add_argument("--no-baseline", dest="baseline", action="store_false",
-                    help="Skip the unbatched reader's runs.")
-    ap.add_argument("--no-dd", dest="floor", action="store_false",
-                    help="Skip the runs of dd draining the pipe (mostly the kernel's cost).")
+    ap.add_argument("--readers", default="raw,text,dd",
+                    help="Comma-separated: raw, text, text-unbatched, dd (see above).")
+    ap.add_argument("--latency-runs", type=int, default=20,
+                    help="Also time a call -> its line leaving the reader this many times per reader (0: skip).")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -133,27 +197,38 @@ def main() -> None:
     from gtp5g_op.kernel.tracer_build import ensure_built
 
     results = []
-    batches = [0.1] + ([0.0] if args.baseline else [])
+    readers = args.readers.split(",")
+    unknown = set(readers) - set(READERS) - {"dd"}
+    if unknown:
+        sys.exit(f"bench: unknown reader(s) {', '.join(sorted(unknown))}; fix: pick from raw, text, text-unbatched, dd")
     with BpfObject(ensure_built()["selftest"]) as probe:
         if not probe.attached:
             sys.exit(f"bench: the selftest probe did not attach: {[r.error for r in probe.report]}")
         for rate in (int(r) for r in args.rates.split(",")):
-            for batch in batches:
-                results.append(run_rate(rate, args.seconds, args.buffer_kb, batch))
+            for reader in readers:
+                if reader == "dd":
+                    results.append(run_floor(rate, args.seconds, args.buffer_kb))
+                    if not args.json:
+                        r = results[-1]
+                        print(f"{r['reader']:>14} {rate:>7} lines/s: lost {r['lost']:>6}, dd CPU "
+                              f"{r['watch_cpu_share_steady']:.1%} while loaded", flush=True)
+                    continue
+                results.append(run_rate(rate, args.seconds, args.buffer_kb, reader))
                 if not args.json:
                     r = results[-1]
-                    print(f"{r['reader']:>10} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
+                    print(f"{r['reader']:>14} {rate:>7} lines/s: read {r['lines_read']:>8} of {r['lines_generated']:>8} "
                           f"({r['achieved_lines_per_s']:>7}/s), lost {r['lost']:>6}, watch CPU "
                           f"{r['watch_cpu_share_steady']:.1%} while loaded ({r['watch_cpu_share_total']:.1%} "
                           "over its life)", flush=True)
-            if args.floor:
-                results.append(run_floor(rate, args.seconds, args.buffer_kb))
-                if not args.json:
-                    r = results[-1]
-                    print(f"{r['reader']:>10} {rate:>7} lines/s: lost {r['lost']:>6}, dd CPU "
-                          f"{r['watch_cpu_share_steady']:.1%} while loaded", flush=True)
+        latency = run_latency(args.latency_runs) if args.latency_runs > 0 else None
     summary: dict = {"runs": results}
-    for reader in ("batched", "baseline"):
+    if latency:
+        summary["latency"] = latency
+        if not args.json:
+            for reader, lat in latency.items():
+                print(f"{reader:>14} first line after idle -> out of the reader: p50 {lat['p50_s'] * 1000:.0f} ms, "
+                      f"max {lat['max_s'] * 1000:.0f} ms over {lat['runs']} runs", flush=True)
+    for reader in READERS:
         clean = [r for r in results if r["reader"] == reader and r["lost"] == 0
                  and r["lines_read"] >= r["lines_generated"]]
         if any(r["reader"] == reader for r in results):
@@ -162,7 +237,7 @@ def main() -> None:
         print(json.dumps(summary, indent=1))
     else:
         for key, value in summary.items():
-            if key != "runs":
+            if key.startswith("max_lines"):
                 print(f"{key.replace('_', ' ')}: {value} lines/s")
 
 

@@ -230,6 +230,23 @@ def test_unknown_comm_is_asked_once_per_ttl(monkeypatch):
     assert asked == [41, 41]
 
 
+def test_unknown_comm_of_a_pid_gone_since_keeps_its_last_name(monkeypatch):
+    """Lines read after their thread exited (the raw reader names every task from /proc) still count for
+    it: a pid /proc no longer has keeps the name it last had; one never seen alive stays unknown."""
+    import gtp5g_op.trace.parser as tp
+
+    clock = [100.0]
+    monkeypatch.setattr(tp.time, "monotonic", lambda: clock[0])
+    names = {41: "nr-gnb"}
+    parser = TraceParser(resolve_comm=names.get)
+    first = UNKNOWN.split(b"\n")[0] + b"\n"
+    assert [(u.pid, u.comm) for u in parser.feed(first)] == [(41, "nr-gnb")]
+    del names[41]  # exited
+    clock[0] += tp.NAME_TTL + 0.01
+    assert [(u.pid, u.comm, u.count) for u in parser.feed(first * 3)] == [(41, "nr-gnb", 3)]
+    assert parser.feed(UNKNOWN.split(b"\n")[2] + b"\n") == []  # 43: gone before it was ever named
+
+
 @pytest.mark.parametrize("accel", sorted({False, HAVE_ACCEL}))
 def test_unknown_comm_without_resolver_is_no_target(accel):
     """Replay and --no-validate have nothing to ask: `<...>` stays unknown and is never a target."""

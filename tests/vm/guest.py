@@ -292,10 +292,12 @@ class Guest:
             server.wait(10)
 
     def watch_exited(self):
-        cmd = ["gtp5g-op", "watch", "--with-tracer", "--json", "--duration", "40", "--instance",
-               f"gtp5g-op-vmx-{os.getpid()}"]
+        instance = f"gtp5g-op-vmx-{os.getpid()}"
+        cmd = ["gtp5g-op", "watch", "--with-tracer", "--json", "--duration", "40", "--instance", instance]
         with Gtp5gLab(LabConfig(tag="x"), require_session=False) as lab, _reaped(cmd) as watch:
-            wait_for(lambda: _tracer_attached(), 60)  # the sender's packets must find the tracer there
+            # the sender lives 2 s: it must start once the watch reads (the tracer attaches program by
+            # program, seconds apart under TCG; lines read after the sender exited name a dead process)
+            wait_for(lambda: _reading(watch.pid, instance), 90)
             gnb = lab.start_gnb(count=100, rate=50, timeout=90, binary=True)
             gnb.wait(timeout=60)
             out, err = watch.communicate(timeout=120)
@@ -321,12 +323,20 @@ def _reaped(cmd: list[str]):
             proc.communicate()
 
 
-def _tracer_attached() -> bool:
-    """A tracing BPF link exists (the watch's tracer is attached)."""
+def _reading(pid: int, instance: str) -> bool:
+    """Process ``pid`` has a pipe of tracefs instance ``instance`` open (text or raw: it reads)."""
     try:
-        return any(ln.get("type") == "tracing" for ln in json.loads(sh(["bpftool", "-j", "link", "show"]).stdout))
-    except ValueError:
+        fds = list(Path(f"/proc/{pid}/fd").iterdir())
+    except OSError:
         return False
+    for fd in fds:
+        try:
+            target = os.readlink(fd)
+        except OSError:
+            continue
+        if f"/instances/{instance}/" in target and "trace_pipe" in target:
+            return True
+    return False
 
 
 def _gtp5g_links_in_ns() -> bool:

@@ -122,3 +122,7 @@ def test_selftest_saw_every_hook_from_the_gnb(vm_run):
             want |= {"gtp5g_push_header", "gtp5g_xmit_skb_ipv4", "policePacket"}
             assert doc["gnb"]["received"]["downlink_gpdu"] > 0, f"{label}: no downlink G-PDU came back: {doc['gnb']}"
         assert want <= fired, f"{label}: hooks that never fired: {want - fired}"
+        # counts, not lines: the flush after the traffic adds what aggregation held back since each first line
+        sent = doc["gnb"]["sent"]
+        recv = next(h for h in hooks if h["hook"].endswith("/gtp5g_encap_recv") and h["attached"])
+        assert recv["from_gnb"] >= sent["uplink_gpdu"] + sent["echo_request"], f"{label}: events lost: {recv}, {sent}"

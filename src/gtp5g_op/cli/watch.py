@@ -11,7 +11,7 @@ from gtp5g_op.cli.common import API, GLOBAL, STATE_DIR, Number, api_flags, setup
 from gtp5g_op.config import MIN_INTERVAL
 from gtp5g_op.errors import UsageError, cli_errors
 from gtp5g_op.trace.tracefs import MAX_BUFFER_KB
-from gtp5g_op.trace.watch import BUNDLED_SAMPLE, WatchOptions, run_watch
+from gtp5g_op.trace.watch import BUNDLED_SAMPLE, READ_MODES, WatchOptions, run_watch
 
 
 def _given(ctx: click.Context, name: str) -> bool:
@@ -22,7 +22,7 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
     """Options that would be silently ignored with the others given are refused instead."""
     if opts.trace_pipe or opts.replay is not None:
         source = "--trace-pipe" if opts.trace_pipe else "--replay"
-        for name in ("instance", "buffer_kb"):
+        for name in ("instance", "buffer_kb", "read_mode"):
             if _given(ctx, name):
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} sets up the private tracefs instance, which {source} does not use",
@@ -52,6 +52,9 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--instance", default="gtp5g-op", show_default=True, help="Name of the private tracefs instance.")
 @click.option("--buffer-kb", type=click.IntRange(min=4, max=MAX_BUFFER_KB),
               help="Per-CPU buffer size of the private instance (KiB, at most 1048576).")
+@click.option("--read-mode", type=click.Choice(READ_MODES), default="auto", show_default=True,
+              help="How the private instance is read: its binary ring buffers (raw: least CPU; needs "
+              "validation), its text trace_pipe, or auto: raw where it works, else text.")
 @click.option("--match", metavar="REGEX", help="Target comms (full match). [default: ^(nr-gnb|nr-ue)$]")
 @click.option("--validate/--no-validate", default=None,
               help="Check every subject against this host's processes. [default: on, except for a --replay "
@@ -104,6 +107,7 @@ def watch(ctx: click.Context, **kw) -> None:
       gtp5g-op watch --with-tracer --push --public-key gthulhu.pub
       gtp5g-op watch --with-tracer --push --api-url http://gthulhu-manager:8080 --username ops --password-file pw
       gtp5g-op watch --trace-pipe /sys/kernel/tracing/trace_pipe --duration 30
+      gtp5g-op watch --read-mode text --duration 30        # the instance's text pipe, not its ring buffers
       gtp5g-op watch --push --exe-allow /opt/UERANSIM/build/nr-gnb --exe-allow /opt/UERANSIM/build/nr-ue
     """
     setup_logs(ctx)
@@ -155,6 +159,7 @@ def watch(ctx: click.Context, **kw) -> None:
         metrics_port=kw["metrics_port"],
         metrics_addr=kw["metrics_addr"],
         accelerate=not kw["no_accel"],
+        read_mode=kw["read_mode"],
     )
     if kw["read_batch"] is not None:
         opts.read_batch = kw["read_batch"]

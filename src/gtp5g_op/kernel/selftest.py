@@ -331,6 +331,8 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
                     h.note = ("not exercised: gtp5g's QoS is off (/proc/gtp5g/qos); "
                               "pass --enable-qos to turn it on for the test")
             _wait_for_hooks(result.hooks, counts, stop, timeout)
+            bpf.flush()  # the aggregated counts since each hook's first line
+            _wait_until_quiet(counts, stop)
             stop.set()
             reader.join(timeout=2)
             counts.tally(result.hooks)
@@ -385,12 +387,28 @@ class _HookCounts:
             if pid is not None and (ev.subject_tgid == pid or (ev.subject_tgid is None and ev.subject_pid == pid)):
                 self.from_gnb[key] = self.from_gnb.get(key, 0) + n
 
+    def total(self) -> int:
+        """Events counted so far, all hooks."""
+        with self.lock:
+            return sum(self.lines.values())
+
     def tally(self, hooks: list[HookResult]) -> None:
         with self.lock:
             for h in hooks:
                 kind, _, function = h.hook.partition("/")
                 key = (function, _direction(kind))
                 h.lines, h.from_gnb = self.lines.get(key, 0), self.from_gnb.get(key, 0)
+
+
+def _wait_until_quiet(counts: _HookCounts, stop: threading.Event, quiet: float = 0.3, limit: float = 2.0) -> None:
+    """Until no event arrived for ``quiet`` seconds (the flushed lines are read), at most ``limit``."""
+    deadline = time.monotonic() + limit
+    last = counts.total()
+    while time.monotonic() < deadline and not stop.wait(quiet):
+        now = counts.total()
+        if now == last:
+            return
+        last = now
 
 
 def _wait_for_hooks(hooks: list[HookResult], counts: _HookCounts, stop: threading.Event, timeout: float) -> None:

@@ -266,22 +266,31 @@ class TraceParser:
             return updates
         named: dict[tuple[int, str], SubjectUpdate] = {}
         now = time.monotonic()
-        for upd in updates:
+        # Named subjects first, and their tgid stands: the C scan does not keep the order of subjects, so
+        # "the last line's tgid" cannot decide between a named and a renamed part of one subject.
+        for upd in sorted(updates, key=lambda u: u.comm == UNKNOWN_COMM):
             if upd.comm == UNKNOWN_COMM:
                 upd.comm = self._name_of(upd.pid, now) or UNKNOWN_COMM
                 if not self.matches(upd.comm):
                     self.stats.matched -= upd.count
                     continue
+                have = named.get((upd.pid, upd.comm))
+                if have is not None and have.tgid is not None:
+                    upd.tgid = None
             _merge(named, [upd])
         return list(named.values())
 
     def _name_of(self, pid: int, now: float) -> str | None:
-        """``resolve_comm(pid)``, asked at most once per NAME_TTL per pid."""
+        """``resolve_comm(pid)``, asked at most once per NAME_TTL per pid. A pid that is gone by now keeps
+        the name it last had: its last lines, read after it exited, still count for it."""
         asked = self._names.get(pid)
         if asked is None or now - asked[0] > NAME_TTL:
             if len(self._names) >= _COMM_CACHE_MAX:
                 self._names.clear()
-            asked = self._names[pid] = (now, self._resolve(pid))  # type: ignore[misc]
+            name = self._resolve(pid)  # type: ignore[misc]
+            if name is None and asked is not None:
+                name = asked[1]
+            asked = self._names[pid] = (now, name)
         return asked[1]
 
     def feed(self, data: bytes) -> list[SubjectUpdate]:

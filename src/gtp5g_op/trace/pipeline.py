@@ -72,6 +72,7 @@ class Pipeline:
         self.boot_clock = False  # trace timestamps are CLOCK_BOOTTIME: pass them to pid-reuse checks
         self.tracer: list[dict] | None = None  # per-program report of the loaded tracer
         self.garbage_warned = False  # the "not a trace" warning was given while reading
+        self.reader: dict | None = None  # how a live private instance was read (mode, raw decoding counts)
 
     # --- input -------------------------------------------------------------------------------
     def feed(self, data: bytes) -> None:
@@ -270,6 +271,8 @@ class Pipeline:
             doc["exited_forgotten"] = self.exited_forgotten
         if self.tracer is not None:
             doc["tracer"] = self.tracer
+        if self.reader is not None:
+            doc["reader"] = self.reader
         return doc
 
     def _validity(self, rec: ProcessRecord) -> dict:

@@ -238,6 +238,16 @@ class TraceInstance:
         log.info("tracefs instance %s ready (buffer %s KiB per CPU, clock %s)", path,
                  self.buffer_kb or "default", self.clock or "default")
 
+    def wake_on_any_data(self) -> None:
+        """Make poll(2) on ``per_cpu/cpuN/trace_pipe_raw`` wake on the first event (``buffer_percent`` 0)
+        instead of when the buffer is half full; a kernel without the setting is left as it is."""
+        if self.path is None:
+            raise RuntimeError("TraceInstance is not open")
+        try:
+            (self.path / "buffer_percent").write_text("0\n")
+        except OSError as exc:
+            log.debug("cannot set %s/buffer_percent: %s", self.path, exc.strerror)
+
     def overruns(self) -> int:
         """Lines the instance's ring buffer lost, summed over CPUs (overrun, commit overrun, dropped)."""
         if self.path is None:

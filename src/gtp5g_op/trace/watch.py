@@ -31,6 +31,7 @@ READ_CHUNK = 1 << 20
 TICK = 0.2  # seconds between housekeeping rounds while live
 READ_BATCH = 0.1  # seconds a live read gathers lines before handing them on (one wake-up per batch)
 READ_BATCH_BYTES = 1 << 20  # at most this much per batch
+READ_MODES = ("auto", "text", "raw")  # how a private instance is read (docs/live.md)
 READER_QUEUE = 16  # batches waiting for the parser: bounds memory (16 MiB) if parsing falls behind
 FLUSH_DRAIN = 0.5  # after the tracer's final flush, how long to keep reading its lines
 REFRESH = 1.0  # seconds between process refreshes (exits, new threads)
@@ -75,6 +76,8 @@ class WatchOptions:
     metrics_addr: str = "127.0.0.1"  # an IP address; the DaemonSet passes the pod IP
     accelerate: bool = True
     read_batch: float = READ_BATCH  # seconds a live read gathers lines before handing them on
+    read_mode: str = "auto"  # READ_MODES: a private instance's text trace_pipe, its raw ring buffers, or
+    # auto: raw where it works (validating, C decoder built, layout known), else text
 
     @property
     def validating(self) -> bool:
@@ -400,6 +403,17 @@ def check_options(opts: WatchOptions) -> None:
     """Refuse options that cannot be right together, before anything starts."""
     if opts.replay is not None and (opts.trace_pipe or opts.with_tracer):
         raise UsageError("--replay cannot be combined with --trace-pipe or --with-tracer", "pick one source")
+    if opts.read_mode not in READ_MODES:
+        raise UsageError(f"--read-mode must be one of {', '.join(READ_MODES)}, not {opts.read_mode!r}",
+                         "pass --read-mode auto")
+    if opts.read_mode == "raw":
+        if opts.replay is not None or opts.trace_pipe:
+            raise UsageError("--read-mode raw reads a private tracefs instance's ring buffers, and "
+                             f"{'--replay' if opts.replay is not None else '--trace-pipe'} reads text",
+                             "drop --read-mode raw")
+        if not opts.validating:
+            raise UsageError("--read-mode raw needs validation: a ring-buffer record has no comm, which is "
+                             "named from /proc while validating", "drop --no-validate, or use --read-mode text")
     if opts.speed is not None and opts.replay is None:
         raise UsageError("--speed paces a replay, and there is none", "add --replay FILE, or drop --speed")
     for what, value, minimum, maximum in (("--speed", opts.speed, 0.0, 1e6), ("--duration", opts.duration, 0.0, 1e9),
@@ -524,8 +538,11 @@ def _run_live(
             bpf = _load_tracer(stack, opts.tracer_interval, opts.tracer_kprobe_fallback)
             pipeline.tracer = [r.to_dict() for r in bpf.report]
         read_stop = threading.Event()  # its own: the tracer's final flush is read after `stop`
-        reader = LiveReader(tracefs.tail(path, read_stop, batch_seconds=opts.read_batch,
-                                         batch_bytes=READ_BATCH_BYTES), read_stop)
+        raw = _raw_reader(opts, instance, read_stop) if instance is not None else None
+        chunks = raw if raw is not None else tracefs.tail(path, read_stop, batch_seconds=opts.read_batch,
+                                                          batch_bytes=READ_BATCH_BYTES)
+        pipeline.reader = {"mode": "raw" if raw is not None else "text"}
+        reader = LiveReader(chunks, read_stop)  # type: ignore[arg-type]
         stack.callback(reader.close)  # first on the way out: removing the instance needs the pipe closed
         deadline = time.monotonic() + opts.duration if opts.duration else None
         refresh = _Refresher(pipeline, view, instance)
@@ -554,5 +571,39 @@ def _run_live(
                 pipeline.feed(chunk)
         if instance is not None:
             pipeline.overruns = instance.overruns()
+    if raw is not None:
+        pipeline.reader |= raw.stats.as_json()
     pipeline.finish()
     pipeline.refresh()
+
+
+def _raw_reader(opts: WatchOptions, instance: Any, stop: threading.Event) -> Any:
+    """A RawReader of ``instance``'s ring buffers when the read mode asks for one and it works; else None
+    (the text pipe), with one log line saying why when raw reading was possible in principle."""
+    from gtp5g_op.trace import rawbuf
+
+    if opts.read_mode == "text" or not opts.validating:
+        return None  # without validation nothing could name a raw record's task (docs/live.md)
+    decode, compiled = rawbuf.best_decoder(opts.accelerate)
+    if opts.read_mode == "auto" and opts.accelerate and not compiled:
+        log.info("reading the text trace_pipe: the C ring-buffer decoder is not built")
+        return None
+    try:
+        fmt = rawbuf.read_format(instance.path)
+    except rawbuf.RawUnavailable as exc:
+        if opts.read_mode == "raw":
+            raise EnvironmentProblem(f"cannot read the ring buffers of {instance.path}: {exc}",
+                                     "use --read-mode text") from None
+        log.info("reading the text trace_pipe: %s", exc)
+        return None
+    instance.wake_on_any_data()
+    try:
+        reader = rawbuf.RawReader(instance.path, stop, fmt, decode=decode, batch_seconds=opts.read_batch,
+                                  batch_bytes=READ_BATCH_BYTES)
+    except EnvironmentProblem as exc:
+        if opts.read_mode == "raw":
+            raise
+        log.info("reading the text trace_pipe: %s", exc.message)
+        return None
+    log.debug("reading the ring buffers of %s (%s decoder)", instance.path, "C" if compiled else "Python")
+    return reader
