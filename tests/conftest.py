@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import struct
 import time
 from pathlib import Path
@@ -92,6 +93,22 @@ def fake_loaded_gtp5g(root: Path, kallsyms: str, btf_globals: list[str], users: 
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@pytest.fixture(scope="module")
+def selftest_probe(tmp_path_factory):
+    """The selftest tracepoint programs (tracer/selftest.bpf.c), attached for the test module."""
+    require_root("loading BPF programs and reading tracefs")
+    if not shutil.which("clang") or not shutil.which("bpftool"):
+        pytest.skip("clang and bpftool are needed to build the probe (apt-get install clang bpftool)")
+    from gtp5g_op.kernel.bpf_loader import BpfObject
+    from gtp5g_op.kernel.tracer_build import ensure_built
+
+    obj = ensure_built(tmp_path_factory.mktemp("bpf"))["selftest"]
+    with BpfObject(obj) as bpf:
+        if not bpf.attached:
+            pytest.fail(f"selftest probe did not attach: {[r.error for r in bpf.report]}")
+        yield bpf
 
 
 VM_TIMINGS = pytest.StashKey[dict]()  # step -> seconds, filled by tests/vm/test_vm.py

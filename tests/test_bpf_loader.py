@@ -180,7 +180,7 @@ def test_gtp5g_object_gets_a_verdict_per_program_without_gtp5g(objs):
 
 
 def test_mixed_object_partial_attach_with_plain_words(objs):
-    with BpfObject(objs["mixed"], kprobe_fallback=True) as bpf:
+    with BpfObject(objs["mixed"]) as bpf:  # kprobe_fallback is on by default
         by_name = {r.name: r for r in bpf.report}
         assert bpf.attached == ["fine"] or sorted(bpf.attached) == ["fine", "on_vfs_read"]
     rejected = by_name["rejected"]
@@ -477,13 +477,12 @@ def test_watch_counts_every_event_of_an_aggregating_tracer_including_the_final_f
     assert mine[0]["events"] == 2000
 
 
-def test_kprobe_fallback_is_opt_in_and_the_report_says_so(objs):
-    """Without kprobe_fallback the twin is not tried; the reason names the option (and why it is opt-in)."""
-    with BpfObject(objs["mixed"], programs=["on_vfs_read"]) as bpf:
+def test_without_kprobe_fallback_the_report_says_a_kprobe_could_trace_it(objs):
+    """kprobe_fallback=False (--no-kprobe-fallback): the twin is not tried; the reason names the option."""
+    with BpfObject(objs["mixed"], programs=["on_vfs_read"], kprobe_fallback=False) as bpf:
         (fentry,) = bpf.report
     if fentry.attached:  # a kernel that takes fentry: nothing to fall back from
         assert fentry.mechanism == "fentry"
         return
     assert fentry.mechanism == "" and not fentry.error.startswith("fentry: ")
-    assert fentry.error.endswith("; a kprobe could trace it: --kprobe-fallback (docs/tracer.md: the VM lab's "
-                                 "kernel crashed with it after a module reload)")
+    assert fentry.error.endswith("; a kprobe could trace it: drop --no-kprobe-fallback")

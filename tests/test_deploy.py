@@ -430,18 +430,7 @@ def test_image_command_runs_as_the_daemonset_configures_it(dockerfile, rendered,
     (config, key, state, cache) point into a temporary directory. Live tracefs needs root.
     """
     require_root("the watch reads a live tracefs instance")
-    try:
-        import gtp5g_op.cli.watch  # noqa: F401
-    except ImportError:
-        pytest.skip("watch not yet available")
-    try:
-        from gtp5g_op.gthulhu.testserver import (
-            ServerState,
-            load_or_create_key,
-            make_server,
-        )
-    except ImportError:
-        pytest.skip("the Gthulhu test server (gtp5g_op.gthulhu.testserver) is not available")
+    from gtp5g_op.gthulhu.testserver import ServerState, load_or_create_key, make_server
 
     state = ServerState(load_or_create_key(None))
     server = make_server("127.0.0.1", 0, state)

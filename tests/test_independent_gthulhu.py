@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import requests
 from click.testing import CliRunner
-from conftest import host_pids, require_root, wait_for
+from conftest import host_pids, wait_for
 from cryptography.hazmat.primitives.asymmetric import rsa
 from gthulhu_fixtures import manager_args, start_server
 from independent_gthulhu import Server, State, free_port
@@ -545,23 +545,6 @@ def test_the_projects_test_server_answers_probes_like_the_real_servers(tmp_path,
 
 
 # --- live: a real nr-gnb traced by the selftest probe, pushed to the independent Manager -----------------
-
-
-@pytest.fixture
-def selftest_probe(tmp_path):
-    require_root("loading BPF programs and reading tracefs")
-    import shutil
-
-    if not shutil.which("clang") or not shutil.which("bpftool"):
-        pytest.skip("clang and bpftool are needed to build the probe (apt-get install clang bpftool)")
-    from gtp5g_op.kernel.bpf_loader import BpfObject
-    from gtp5g_op.kernel.tracer_build import ensure_built
-
-    obj = ensure_built(tmp_path / "bpf")["selftest"]
-    with BpfObject(obj) as bpf:
-        if not bpf.attached:
-            pytest.fail(f"selftest probe did not attach: {[r.error for r in bpf.report]}")
-        yield bpf
 
 
 @host_pids

@@ -23,24 +23,6 @@ from gtp5g_op.kernel import workload
 INSTANCE_ROOT = Path("/sys/kernel/tracing/instances")
 
 
-@pytest.fixture
-def selftest_probe(tmp_path):
-    """The selftest tracepoint programs, loaded and attached for the test."""
-    require_root("loading BPF programs and reading tracefs")
-    import shutil
-
-    if not shutil.which("clang") or not shutil.which("bpftool"):
-        pytest.skip("clang and bpftool are needed to build the probe (apt-get install clang bpftool)")
-    from gtp5g_op.kernel.bpf_loader import BpfObject
-    from gtp5g_op.kernel.tracer_build import ensure_built
-
-    obj = ensure_built(tmp_path / "bpf")["selftest"]
-    with BpfObject(obj) as bpf:
-        if not bpf.attached:
-            pytest.fail(f"selftest probe did not attach: {[r.error for r in bpf.report]}")
-        yield bpf
-
-
 def start_watch(server, tmp_path: Path, instance: str, *extra: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "gtp5g_op", "watch", "--push", "--json", "--interval", "1",
            "--api-url", server.url, "--public-key", str(server.public_key), "--instance", instance, *extra]

@@ -10,7 +10,6 @@ import ctypes
 import json
 import logging
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,22 +26,6 @@ from gtp5g_op.trace.watch import WatchOptions, run_watch
 
 INSTANCES = Path("/sys/kernel/tracing/instances")
 CLOCK_BOOTTIME = 7
-
-
-@pytest.fixture(scope="module")
-def probe(tmp_path_factory):
-    """The selftest tracepoint programs, attached for this module's tests."""
-    require_root("loading BPF programs and reading tracefs")
-    if not shutil.which("clang") or not shutil.which("bpftool"):
-        pytest.skip("clang and bpftool are needed to build the probe (apt-get install clang bpftool)")
-    from gtp5g_op.kernel.bpf_loader import BpfObject
-    from gtp5g_op.kernel.tracer_build import ensure_built
-
-    obj = ensure_built(tmp_path_factory.mktemp("bpf"))["selftest"]
-    with BpfObject(obj) as bpf:
-        if not bpf.attached:
-            pytest.fail(f"selftest probe did not attach: {[r.error for r in bpf.report]}")
-        yield bpf
 
 
 def start_watch(tmp_path: Path, instance: str, *extra: str) -> subprocess.Popen:
@@ -71,7 +54,7 @@ def by_pid(report: dict) -> dict[int, dict]:
 
 
 @host_pids
-def test_raw_and_text_watches_see_the_same_events(probe, tmp_path):
+def test_raw_and_text_watches_see_the_same_events(selftest_probe, tmp_path):
     """Two watches of the same kernel events, one per read mode: the raw one names every thread from
     /proc, counts every event the text one counts (at least the 2 lines per call the load made), and
     validates and keeps the process after it exited."""
@@ -125,7 +108,7 @@ class Burst(threading.Thread):
 
 
 @host_pids
-def test_lost_events_are_counted_exactly_through_a_raw_watch(probe, tmp_path):
+def test_lost_events_are_counted_exactly_through_a_raw_watch(selftest_probe, tmp_path):
     """A tiny buffer (4 KiB per CPU) and a burst of 20 000 calls between two reads: what was not read is
     counted lost, to the event, and equals the kernel's overrun counter."""
     comm = f"rawb{os.getpid()}"[:15]
@@ -153,7 +136,7 @@ def test_lost_events_are_counted_exactly_through_a_raw_watch(probe, tmp_path):
         assert st["matched"] + st["lost_events"] < 2 * burst.calls <= st["matched"] + st["overruns"]
 
 
-def test_raw_timestamps_are_the_boot_clock_of_the_event(probe):
+def test_raw_timestamps_are_the_boot_clock_of_the_event(selftest_probe):
     """The pid-reuse check compares a line's time with a process's start time (CLOCK_BOOTTIME): a raw
     line's time is when the call happened, not when it was read."""
     from gtp5g_op.trace.parser import parse_line

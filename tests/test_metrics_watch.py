@@ -9,18 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
 import requests
 from prometheus_client.parser import text_string_to_metric_families
-
-try:
-    import gtp5g_op.cli.watch  # noqa: F401
-
-    HAVE_WATCH = True
-except ImportError:
-    HAVE_WATCH = False
-
-pytestmark = pytest.mark.skipif(not HAVE_WATCH, reason="watch not yet available")
 
 SECONDS = 20.0  # trace time the capture spans
 RATE = 50  # events per trace second

@@ -33,6 +33,8 @@ import time
 import traceback
 from pathlib import Path
 
+import psutil
+
 from gtp5g_op.kernel import gtp5gnl
 from gtp5g_op.kernel.gtp5glab import NETNS_RUN_DIR, Gtp5gLab, LabConfig
 
@@ -93,8 +95,12 @@ def unpack(source: Path, work: Path) -> Path:
 
 
 def leftovers(instance_prefix: str = "gtp5g-op") -> list[str]:
-    """gtp5g-op's traces on the system: namespaces, gtp5g devices, tracefs instances, tracing BPF links."""
+    """gtp5g-op's traces on the system: namespaces, gtp5g devices, tracefs instances, tracing BPF links,
+    gNB senders still running (one orphaned by the selftest's SIGTERM kept sending into its deleted
+    namespace, and the guest kernel's routing memory went bad: docs/tracer.md)."""
     left = [f"netns {p.name}" for p in NETNS_RUN_DIR.glob("gtp5g-op-*")] if NETNS_RUN_DIR.is_dir() else []
+    left += [f"gNB sender pid {p.pid}" for p in psutil.process_iter(["cmdline"])
+             if "gtp5g_op.kernel.gnb" in (p.info["cmdline"] or [])]
     left += [f"gtp5g device {name}" for _, name in _gtp5g_links()]
     inst = TRACEFS / "instances"
     left += [f"tracefs instance {p.name}" for p in inst.glob(f"{instance_prefix}*")] if inst.is_dir() else []

@@ -89,9 +89,9 @@ def tracer() -> None:
 @click.option("--interval", type=Number(0, MAX_INTERVAL, min_open=False), metavar="SECONDS",
               help=f"At most one line per thread and hook this often, with the count since the last "
                    f"(N=); 0 prints every event. [default: {DEFAULT_INTERVAL:g}]")
-@click.option("--kprobe-fallback", is_flag=True,
+@click.option("--kprobe-fallback/--no-kprobe-fallback", default=True,
               help="Where the kernel refuses fentry/fexit for a function (ip4_find_route before Linux 6.6), "
-                   "trace it by kprobe/kretprobe instead (see docs/tracer.md for the risk).")
+                   "trace it by kprobe/kretprobe instead (docs/tracer.md). [default: on]")
 @click.option("--selftest-probe", is_flag=True,
               help="Attach the selftest probe (getppid tracepoints, any host) instead of the gtp5g tracer.")
 @click.option("--duration", type=Number(0, 1e9, min_open=False),
@@ -103,8 +103,8 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], int
         kprobe_fallback: bool, selftest_probe: bool, duration: float | None, as_json: bool) -> None:
     """Load the tracer, attach every program, hold until SIGINT/SIGTERM (or --duration), detach.
 
-    Each gtp5g function is traced by fentry/fexit, or with --kprobe-fallback by a kprobe/kretprobe
-    where the kernel's trampoline refuses it; the report names the mechanism per hook and, for every
+    Each gtp5g function is traced by fentry/fexit, or by a kprobe/kretprobe where the kernel's
+    trampoline refuses it (not with --no-kprobe-fallback); the report names the mechanism per hook and, for every
     failure, the reason in plain words. Exits 1 when nothing attached. Read the lines with `gtp5g-op watch`,
     or use `watch --with-tracer` to do both in one process. On detach the counts still pending
     in the kernel are printed, so no event is lost.
@@ -115,7 +115,7 @@ def run(obj: Path | None, build_dir: Path | None, programs: tuple[str, ...], int
       gtp5g-op tracer run --program gtp5g_encap_recv_entry --duration 30
       gtp5g-op tracer run --json --duration 0    # just report what attaches
       gtp5g-op tracer run --interval 0           # one line per event (no aggregation)
-      gtp5g-op tracer run --kprobe-fallback      # ip4_find_route by kprobes on Linux < 6.6
+      gtp5g-op tracer run --no-kprobe-fallback   # fentry/fexit only (no ip4_find_route before 6.6)
       gtp5g-op tracer run --selftest-probe       # for watch on a host without gtp5g (docs/live.md)
     """
     if selftest_probe:

@@ -70,8 +70,8 @@ def _refuse_ignored(ctx: click.Context, opts: WatchOptions, exe_allow_flag: bool
 @click.option("--speed", type=Number(0, 1e6), metavar="X", help="Replay at this many times the recorded pace.")
 @click.option("--duration", type=Number(0, 1e9), metavar="SECONDS", help="Stop after this long.")
 @click.option("--with-tracer", is_flag=True, help="Build if needed, load the bundled gtp5g tracer, unload on exit.")
-@click.option("--kprobe-fallback", is_flag=True,
-              help="With --with-tracer: kprobes where fentry/fexit is refused (docs/tracer.md).")
+@click.option("--kprobe-fallback/--no-kprobe-fallback", default=True,
+              help="With --with-tracer: kprobes where fentry/fexit is refused (docs/tracer.md). [default: on]")
 @click.option("--tracer-interval", type=Number(0, 3600, min_open=False), metavar="SECONDS",
               help="With --with-tracer: one line per thread and hook this often (0: every event). [default: 1]")
 @click.option("--push", is_flag=True, help="Push scheduling strategies for the targets to the Gthulhu API.")

@@ -7,7 +7,7 @@ loads each program alone in a fresh object to learn its own verdict (errno and l
 then loads the programs that passed together and attaches each one.
 
 Fallback: a program ``<name>_kprobe`` in section ``kprobe/F`` (``kretprobe/F``) is the twin of the
-fentry (fexit) program ``<name>`` on the same function. With ``kprobe_fallback`` the twin is attached
+fentry (fexit) program ``<name>`` on the same function. With ``kprobe_fallback`` (the default) the twin is attached
 where the first choice is refused (e.g. a BPF trampoline for ip4_find_route's 7 arguments before Linux 6.6); the
 report keeps one row per first-choice program and names the mechanism that attached it.
 
@@ -393,12 +393,12 @@ class BpfObject:
     ``programs`` limits the object to the named programs (default: all; kprobe twins and the flush
     program come with them). ``interval`` sets the aggregation interval in seconds (0: one line per
     event) for objects that aggregate. ``kprobe_fallback`` attaches a refused fentry/fexit program's
-    kprobe twin (opt-in: Debian's 6.1 kernel died in the VM lab when gtp5g was reloaded and traced by
-    kprobes again; see docs/tracer.md). Use as a context manager, or :meth:`open`, then :meth:`close`.
+    kprobe twin (on by default; docs/tracer.md says what the VM lab measured with and without it).
+    Use as a context manager, or :meth:`open`, then :meth:`close`.
     """
 
     def __init__(self, path: str | os.PathLike, programs: Iterable[str] | None = None,
-                 interval: float | None = None, host: Host | None = None, kprobe_fallback: bool = False):
+                 interval: float | None = None, host: Host | None = None, kprobe_fallback: bool = True):
         self.path = Path(path)
         self.kprobe_fallback = kprobe_fallback
         self.wanted = set(programs) if programs is not None else None
@@ -606,8 +606,7 @@ class BpfObject:
             if usable and self.kprobe_fallback:
                 result = self._fall_back(result, twin, progs, failed)
             elif usable:
-                result = replace(result, error=f"{why}; a kprobe could trace it: --kprobe-fallback "
-                                               "(docs/tracer.md: the VM lab's kernel crashed with it after a module reload)")
+                result = replace(result, error=f"{why}; a kprobe could trace it: drop --no-kprobe-fallback")
             self._results[name] = result
 
     def _attach_one(self, name: str, prog: int) -> tuple[int, list[str]]:
@@ -656,7 +655,7 @@ def _ensure_tracefs() -> None:
 
 def open_tracer(obj: str | os.PathLike | None = None, build_dir: str | os.PathLike | None = None,
                 programs: Iterable[str] | None = None, interval: float | None = None,
-                kprobe_fallback: bool = False) -> BpfObject:
+                kprobe_fallback: bool = True) -> BpfObject:
     """Load and attach the gtp5g tracer (built first when needed); close it to detach.
 
     Check ``report`` / ``attached``: programs that failed are in the report with the reason.

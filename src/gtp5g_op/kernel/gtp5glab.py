@@ -229,6 +229,10 @@ class Gtp5gLab:
         timer.start()
         try:
             line = proc.stdout.readline() if proc.stdout else ""
+        except BaseException:  # SIGTERM/Ctrl-C before it is in self.gnbs: close() would not stop it
+            proc.kill()
+            proc.wait()
+            raise
         finally:
             timer.cancel()
         try:

@@ -331,7 +331,7 @@ def run_gtp5g_selftest(obj: str | os.PathLike | None = None, build_dir: str | os
                     h.note = ("not exercised: gtp5g's QoS is off (/proc/gtp5g/qos); "
                               "pass --enable-qos to turn it on for the test")
             _wait_for_hooks(result.hooks, counts, stop, timeout)
-            bpf.flush()  # the aggregated counts since each hook's first line
+            bpf.flush(force=True)  # every count held back since each hook's first line
             _wait_until_quiet(counts, stop)
             stop.set()
             reader.join(timeout=2)

@@ -71,7 +71,7 @@ class WatchOptions:
     pusher_factory: Callable[[], Any] | None = None  # builds a started StrategyPusher
     with_tracer: bool = False
     tracer_interval: float | None = None  # the tracer's aggregation interval (None: its default, 1 s)
-    tracer_kprobe_fallback: bool = False  # kprobe twins where fentry/fexit is refused
+    tracer_kprobe_fallback: bool = True  # kprobe twins where fentry/fexit is refused
     metrics_port: int | None = None
     metrics_addr: str = "127.0.0.1"  # an IP address; the DaemonSet passes the pod IP
     accelerate: bool = True
@@ -428,7 +428,7 @@ def _push_status(pusher: Any, ok: bool) -> dict:
     return doc
 
 
-def _load_tracer(stack: contextlib.ExitStack, interval: float | None = None, kprobe_fallback: bool = False) -> Any:
+def _load_tracer(stack: contextlib.ExitStack, interval: float | None = None, kprobe_fallback: bool = True) -> Any:
     """Load and attach the bundled gtp5g tracer until the watch ends; the loaded BpfObject."""
     from gtp5g_op.kernel.bpf_loader import open_tracer
 
