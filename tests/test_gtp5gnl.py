@@ -231,3 +231,30 @@ def test_hook_counts_by_mechanism_and_sender():
              HookResult("c", "fentry/ip4_find_route", True), HookResult("d", "fexit/ip4_find_route", True)]
     counts.tally(hooks)
     assert [(h.lines, h.from_gnb) for h in hooks] == [(3, 1), (1, 1), (1, 1), (0, 0)]
+
+
+def test_a_sender_interrupted_while_it_starts_is_stopped_by_close():
+    """SIGTERM/Ctrl-C while the gNB sender starts (before it reports ready): leftovers() names it, close()
+    stops it. An orphan sender kept sending into a deleted namespace and broke the VM lab's kernel."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    lab = Gtp5gLab(LabConfig(tag="i"))  # no namespace: the sender cannot get far, but it starts
+    old = signal.signal(signal.SIGALRM, interrupt)
+    signal.setitimer(signal.ITIMER_REAL, 0.02)  # well before the interpreter it starts has imported anything
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            lab.start_gnb(count=1)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert lab.gnbs == []  # it never reported ready
+    lab.close()
+    assert lab.leftovers() == []
+    import psutil
+
+    running = [c for c in psutil.Process().children() if "gtp5g_op.kernel.gnb" in " ".join(c.cmdline())
+               and c.status() != psutil.STATUS_ZOMBIE]
+    assert running == []

@@ -171,7 +171,7 @@ def test_execve_into_a_planted_binary_after_validation_is_caught(open_tmp):
 
 # --- end to end: a live watch with --push, the selftest probe standing in for gtp5g's hooks -------------
 
-from test_live_e2e import finish, selftest_probe, start_watch  # noqa: E402,F401 - selftest_probe is a fixture
+from test_live_e2e import finish, start_watch  # noqa: E402
 
 
 @host_pids

@@ -136,6 +136,7 @@ class Gtp5gLab:
         self.rules: list[gtp5gnl.Rule] = []
         self.ifindex = 0
         self.gnbs: list[GnbProcess] = []
+        self._started: list[subprocess.Popen] = []  # every sender, from its first instant: none outlives close()
         self._sock: socket.socket | None = None
         self._created = False
         self._qos_restore: bool | None = None
@@ -225,14 +226,11 @@ class Gtp5gLab:
                "--ul-teid", hex(cfg.ul_teid), "--dl-teid", hex(cfg.dl_teid), "--count", str(count),
                "--rate", str(rate)]
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self._started.append(proc)  # a SIGTERM while it starts must not orphan it (docs/tracer.md)
         timer = threading.Timer(timeout, proc.kill)
         timer.start()
         try:
             line = proc.stdout.readline() if proc.stdout else ""
-        except BaseException:  # SIGTERM/Ctrl-C before it is in self.gnbs: close() would not stop it
-            proc.kill()
-            proc.wait()
-            raise
         finally:
             timer.cancel()
         try:
@@ -253,6 +251,10 @@ class Gtp5gLab:
         for gnb in self.gnbs:
             gnb.stop()
         self.gnbs.clear()
+        for proc in self._started:  # one interrupted before it reported ready
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
         name = self.config.netns
         if self.ifindex and (NETNS_RUN_DIR / name).exists():
             # The device holds the UDP socket, which holds the namespace: delete it before the namespace.
@@ -284,7 +286,7 @@ class Gtp5gLab:
 
     def leftovers(self) -> list[str]:
         """What this lab left behind: its namespace, or a gNB still running."""
-        left = []
+        left = [f"gNB sender pid {proc.pid}" for proc in self._started if proc.poll() is None]
         if (NETNS_RUN_DIR / self.config.netns).exists():
             left.append(f"network namespace {self.config.netns}")
         return left
