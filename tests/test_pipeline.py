@@ -52,6 +52,13 @@ def test_live_process_its_threads_and_its_exit():
     # What was seen stays in the report, marked exited (issue 10 h).
     report = pipe.report()["processes"]
     assert {p["pid"] for p in report} == targets and all(p["exited"] and p["valid"] for p in report)
+    # Lines read after the exit (the tracer's aggregated counts come at the next flush) still count for it:
+    # nobody has that pid now. They used to drop the record and re-check the pid: "dead", forgotten.
+    before = {p["pid"]: p["events"] for p in report}
+    pipe.feed(line(wl.ready.tids[0], ts=2.0))
+    after = {p["pid"]: p for p in pipe.report()["processes"]}
+    assert after.keys() == before.keys() and after[wl.ready.tids[0]]["events"] == before[wl.ready.tids[0]] + 1
+    assert after[wl.ready.tids[0]]["exited"] and not pipe.rejected
 
 
 def test_unknown_comm_of_a_live_thread_is_named_from_proc():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
@@ -88,7 +89,9 @@ class Pipeline:
         for upd in updates:
             key = (upd.pid, upd.comm)
             rec = self.records.get(key)
-            if rec is not None and (rec.exited or (rec.valid is False and self._replaced(rec))):
+            if rec is not None and rec.exited and not self.validator.still_alive(rec.pid, None):  # type: ignore[union-attr]
+                pass  # nobody has the pid now: a late line about the exited process (the tracer's flushed counts)
+            elif rec is not None and (rec.exited or (rec.valid is False and self._replaced(rec))):
                 self._drop(key)  # that process is gone: this line is about whoever has the pid now
                 rec = None
             if rec is None:
@@ -144,6 +147,10 @@ class Pipeline:
             rec.valid = None
             return True
         verdict = self.validator.check(rec.pid, rec.comm, rec.tgid, seen_at=seen_at if self.boot_clock else None)
+        if self.boot_clock and seen_at is not None and log.isEnabledFor(logging.DEBUG):
+            lag = time.clock_gettime(time.CLOCK_BOOTTIME) - seen_at
+            log.debug("pid %d (%s) checked %.3f s after its first traced event: %s", rec.pid, rec.comm, lag,
+                      verdict.reason)
         if not verdict.ok:
             self._reject(rec, verdict)
             return False
