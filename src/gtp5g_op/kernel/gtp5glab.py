@@ -114,13 +114,18 @@ class GnbProcess:
         return self.result
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """Terminate a sender, killed if it is still there 5 s later."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class Gtp5gLab:
@@ -248,13 +253,9 @@ class Gtp5gLab:
 
     def close(self) -> None:
         """Stop the senders, delete the device, close the socket, remove the namespace (idempotent)."""
-        for gnb in self.gnbs:
-            gnb.stop()
+        for proc in self._started:  # the ready ones and any interrupted before it reported ready
+            _stop(proc)
         self.gnbs.clear()
-        for proc in self._started:  # one interrupted before it reported ready
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
         name = self.config.netns
         if self.ifindex and (NETNS_RUN_DIR / name).exists():
             # The device holds the UDP socket, which holds the namespace: delete it before the namespace.

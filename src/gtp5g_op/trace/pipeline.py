@@ -89,9 +89,7 @@ class Pipeline:
         for upd in updates:
             key = (upd.pid, upd.comm)
             rec = self.records.get(key)
-            if rec is not None and rec.exited and not self.validator.still_alive(rec.pid, None):  # type: ignore[union-attr]
-                pass  # nobody has the pid now: a late line about the exited process (the tracer's flushed counts)
-            elif rec is not None and (rec.exited or (rec.valid is False and self._replaced(rec))):
+            if rec is not None and self._superseded(rec):
                 self._drop(key)  # that process is gone: this line is about whoever has the pid now
                 rec = None
             if rec is None:
@@ -111,6 +109,15 @@ class Pipeline:
         if changed:
             self.publish()
         self._report_metrics()
+
+    def _superseded(self, rec: ProcessRecord) -> bool:
+        """True when a new line naming ``rec``'s pid is about another process than ``rec``'s.
+
+        An exited record keeps its late lines (the tracer's flushed counts) while nobody has the pid.
+        """
+        if rec.exited:
+            return self.validator.still_alive(rec.pid, None)  # type: ignore[union-attr]
+        return rec.valid is False and self._replaced(rec)
 
     def _replaced(self, rec: ProcessRecord) -> bool:
         """True when the process a record is about is no longer the one with its pid."""
